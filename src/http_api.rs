@@ -1,0 +1,235 @@
+//! HTTP front ends: the client key-value API on `--port` (raftexample's routes, one handler for
+//! every path) and the operator routes `/status`, `/health` and `/metrics` on the peer listener.
+//!
+//! Writes `propose_tx` (through [`KvStore::put`]), `conf_change_tx` and `read_tx`; reads only
+//! the kvstore map and the status the raft task publishes.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use raft::prelude::{ConfChange, ConfChangeType};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::config::PeerUrl;
+use crate::kvstore::{KvStore, PutError};
+use crate::raft_node::{ConfChangeError, ConfChangeRequest, NodeStatus, ReadRequest};
+
+/// Why a client request failed; each maps to one status code and one line of text.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("method not allowed")]
+    MethodNotAllowed,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::MethodNotAllowed => {
+                return (
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    [(header::ALLOW, "GET, PUT, POST, DELETE")],
+                    "method not allowed\n",
+                )
+                    .into_response()
+            }
+        };
+        (status, format!("{self}\n")).into_response()
+    }
+}
+
+impl From<PutError> for ApiError {
+    fn from(e: PutError) -> Self {
+        ApiError::Unavailable(e.to_string())
+    }
+}
+
+/// What the client handler needs.
+#[derive(Clone)]
+pub struct ApiState {
+    pub kv: Arc<KvStore>,
+    pub conf_change_tx: mpsc::Sender<ConfChangeRequest>,
+    pub read_tx: mpsc::Sender<ReadRequest>,
+    pub timeout: Duration,
+}
+
+/// The client API. The query string is not part of the key (`?consistency=serializable`).
+pub fn client_router(state: ApiState, max_body: usize) -> Router {
+    Router::new()
+        .fallback(handle)
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(state)
+}
+
+async fn handle(
+    State(st): State<ApiState>,
+    method: Method,
+    uri: Uri,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let deadline = Instant::now() + st.timeout;
+    let key = uri.path().as_bytes().to_vec();
+    match method {
+        Method::PUT => {
+            st.kv.put(key, body.to_vec(), deadline).await?;
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+        Method::GET => {
+            let serializable = uri
+                .query()
+                .is_some_and(|q| q.split('&').any(|kv| kv == "consistency=serializable"));
+            if !serializable {
+                wait_linearizable(&st, deadline).await?;
+            }
+            match st.kv.lookup(&key) {
+                Some(v) => Ok(v.into_response()),
+                None => Err(ApiError::NotFound("key not found".into())),
+            }
+        }
+        Method::POST => {
+            let id = parse_node_id(uri.path())?;
+            let url = std::str::from_utf8(&body)
+                .ok()
+                .and_then(|s| PeerUrl::parse(s.trim()).ok())
+                .ok_or_else(|| {
+                    ApiError::BadRequest("body must be the new member's http://host:port".into())
+                })?;
+            let mut cc = ConfChange::default();
+            cc.set_change_type(ConfChangeType::AddNode);
+            cc.node_id = id;
+            cc.context = url.url.into_bytes().into();
+            change_membership(&st, cc, deadline).await
+        }
+        Method::DELETE => {
+            let id = parse_node_id(uri.path())?;
+            let mut cc = ConfChange::default();
+            cc.set_change_type(ConfChangeType::RemoveNode);
+            cc.node_id = id;
+            change_membership(&st, cc, deadline).await
+        }
+        _ => Err(ApiError::MethodNotAllowed),
+    }
+}
+
+fn parse_node_id(path: &str) -> Result<u64, ApiError> {
+    path.strip_prefix('/')
+        .and_then(|s| s.parse::<u64>().ok())
+        .filter(|id| *id > 0)
+        .ok_or_else(|| ApiError::BadRequest("node id must be a positive integer".into()))
+}
+
+/// ReadIndex (shared with concurrent readers), then wait until the map has applied that index.
+async fn wait_linearizable(st: &ApiState, deadline: Instant) -> Result<(), ApiError> {
+    let (tx, rx) = oneshot::channel();
+    let shutting_down = || ApiError::Unavailable("node is shutting down".into());
+    st.read_tx.send(tx).await.map_err(|_| shutting_down())?;
+    let index = match tokio::time::timeout_at(deadline, rx).await {
+        Ok(Ok(Ok(index))) => index,
+        Ok(Ok(Err(e))) => return Err(ApiError::Unavailable(format!("read failed: {e}"))),
+        Ok(Err(_)) => return Err(shutting_down()),
+        Err(_) => {
+            return Err(ApiError::Unavailable(
+                "read failed: no quorum confirmed the leader within the timeout".into(),
+            ))
+        }
+    };
+    let mut applied = st.kv.subscribe_applied();
+    let caught_up = tokio::time::timeout_at(deadline, applied.wait_for(|a| *a >= index))
+        .await
+        .map(|r| r.is_ok());
+    match caught_up {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(shutting_down()),
+        Err(_) => Err(ApiError::Unavailable(
+            "read failed: this node did not catch up within the timeout".into(),
+        )),
+    }
+}
+
+async fn change_membership(
+    st: &ApiState,
+    mut cc: ConfChange,
+    deadline: Instant,
+) -> Result<Response, ApiError> {
+    cc.id = st.kv.next_id();
+    let (done, rx) = oneshot::channel();
+    st.conf_change_tx
+        .send(ConfChangeRequest { cc, done })
+        .await
+        .map_err(|_| ApiError::Unavailable("node is shutting down".into()))?;
+    match tokio::time::timeout_at(deadline, rx).await {
+        Ok(Ok(Ok(()))) => Ok(StatusCode::NO_CONTENT.into_response()),
+        Ok(Ok(Err(e))) => Err(match e {
+            ConfChangeError::AlreadyMember(_)
+            | ConfChangeError::Removed(_)
+            | ConfChangeError::Pending => ApiError::Conflict(e.to_string()),
+            ConfChangeError::NotMember(_) => ApiError::NotFound(e.to_string()),
+            ConfChangeError::Dropped(_) => ApiError::Unavailable(e.to_string()),
+        }),
+        Ok(Err(_)) => Err(ApiError::Unavailable(
+            "outcome unknown: node stopped before applying".into(),
+        )),
+        Err(_) => Err(ApiError::Unavailable(
+            "outcome unknown: not applied within the timeout".into(),
+        )),
+    }
+}
+
+/// `/status`, `/health` and `/metrics`, merged into the peer listener's router.
+pub fn status_router(status: Arc<Mutex<NodeStatus>>) -> Router {
+    Router::new()
+        .route("/status", get(status_json))
+        .route("/health", get(health))
+        .route("/metrics", get(|| async { crate::metrics::render() }))
+        .with_state(status)
+}
+
+async fn status_json(State(s): State<Arc<Mutex<NodeStatus>>>) -> Response {
+    let st = s.lock().expect("status lock").clone();
+    axum::Json(st).into_response()
+}
+
+async fn health(State(s): State<Arc<Mutex<NodeStatus>>>) -> (StatusCode, &'static str) {
+    let st = s.lock().expect("status lock").clone();
+    if st.leader == 0 {
+        (StatusCode::SERVICE_UNAVAILABLE, "no leader\n")
+    } else if st.applied < st.commit {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "applying committed entries\n",
+        )
+    } else {
+        (StatusCode::OK, "ok\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_ids() {
+        assert_eq!(parse_node_id("/4").unwrap(), 4);
+        for bad in ["/0", "/-1", "/x", "/4/5", "/", "/1.5"] {
+            assert!(parse_node_id(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,342 @@
+//! `KvStore`: the replicated map, and the task that applies what raft commits to it.
+//!
+//! Writes `propose_tx` (each PUT as an encoded [`Put`] with its own [`Proposal`]), reads
+//! `commit_rx` ([`Apply`] batches from the raft task), and wakes the PUT that waits on each
+//! applied request id. The applied index is published on a `watch` so that reads can wait for
+//! it. Snapshots are the map serialised with bincode, so values are arbitrary bytes.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// The committed key-value pairs. Keys are the request paths, as raftexample has them.
+pub type Map = HashMap<Vec<u8>, Vec<u8>>;
+
+/// What the raft task sends on `commit_rx`; Go's nil-on-commitC becomes `Snapshot`.
+#[derive(Debug)]
+pub enum Apply {
+    /// Normal entries committed up to `index` (no-ops and conf changes count toward `index` but
+    /// carry no data). `applied` fires once all of them are in the map.
+    Entries {
+        index: u64,
+        data: Vec<Bytes>,
+        applied: oneshot::Sender<()>,
+    },
+    /// Replace the whole map with a snapshot taken at `index`.
+    Snapshot { index: u64, data: Bytes },
+}
+
+/// One proposal for the raft task (the counterpart of raftexample's `proposeC`). `done` says
+/// whether raft accepted it; acceptance is not commitment.
+#[derive(Debug)]
+pub struct Proposal {
+    pub data: Vec<u8>,
+    pub done: oneshot::Sender<Result<(), raft::Error>>,
+}
+
+/// The replicated command: a PUT tagged with an id unique to the proposing node's run, so that
+/// only the node that proposed it wakes its client.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct Put {
+    pub id: u64,
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+}
+
+/// Why a `KvStore::put` did not return Ok.
+#[derive(Debug, thiserror::Error)]
+pub enum PutError {
+    /// Raft refused the entry (no leader known): it was never appended anywhere.
+    #[error("not applied: {0}")]
+    NotApplied(String),
+    /// The entry may or may not be committed later; the client must read to find out.
+    #[error("outcome unknown: {0}")]
+    Unknown(String),
+}
+
+/// Generates request ids that do not repeat across restarts of this node: the high bits are
+/// the node id, the rest a counter seeded from the clock at start.
+#[derive(Debug)]
+pub struct IdGen {
+    base: u64,
+    next: AtomicU64,
+}
+
+impl IdGen {
+    pub fn new(node_id: u64) -> IdGen {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        IdGen {
+            base: node_id << 48,
+            next: AtomicU64::new(nanos & ((1 << 48) - 1)),
+        }
+    }
+
+    pub fn next(&self) -> u64 {
+        self.base | (self.next.fetch_add(1, Ordering::Relaxed) & ((1 << 48) - 1))
+    }
+}
+
+/// Shared by the HTTP handlers and the apply task. The map lock is never held across `.await`.
+pub struct KvStore {
+    map: RwLock<Map>,
+    /// Highest raft index whose effects are in `map`.
+    applied_tx: watch::Sender<u64>,
+    /// PUTs proposed by this node that wait for their entry to be applied.
+    waiters: Mutex<HashMap<u64, oneshot::Sender<()>>>,
+    propose_tx: mpsc::Sender<Proposal>,
+    ids: IdGen,
+    logger: slog::Logger,
+}
+
+impl KvStore {
+    /// An empty store; the raft task sends the recovered snapshot as its first `Apply`.
+    pub fn new(
+        node_id: u64,
+        propose_tx: mpsc::Sender<Proposal>,
+        logger: &slog::Logger,
+    ) -> Arc<KvStore> {
+        let (applied_tx, _) = watch::channel(0);
+        Arc::new(KvStore {
+            map: RwLock::new(Map::new()),
+            applied_tx,
+            waiters: Mutex::new(HashMap::new()),
+            propose_tx,
+            ids: IdGen::new(node_id),
+            logger: logger.new(slog::o!("component" => "kvstore")),
+        })
+    }
+
+    /// The value at `key` in the local map, with no consistency check (a serializable read).
+    pub fn lookup(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.map
+            .read()
+            .expect("the map lock is never held across a panic")
+            .get(key)
+            .cloned()
+    }
+
+    /// A fresh request id (also used for membership changes).
+    pub fn next_id(&self) -> u64 {
+        self.ids.next()
+    }
+
+    pub fn applied(&self) -> u64 {
+        *self.applied_tx.borrow()
+    }
+
+    pub fn subscribe_applied(&self) -> watch::Receiver<u64> {
+        self.applied_tx.subscribe()
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.read().expect("map lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The map serialised for a snapshot. Called by the raft task once everything up to the
+    /// snapshot index is applied (raftexample's `getSnapshot`).
+    pub fn snapshot(&self) -> Vec<u8> {
+        let map = self.map.read().expect("map lock");
+        bincode::serialize(&*map).expect("serialising a map of byte vectors cannot fail")
+    }
+
+    /// Proposes `key = value` and waits until this node has applied it, or `deadline`.
+    pub async fn put(
+        &self,
+        key: Vec<u8>,
+        value: Vec<u8>,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), PutError> {
+        let id = self.next_id();
+        let data = bincode::serialize(&Put { id, key, value })
+            .expect("serialising byte vectors cannot fail");
+        let (applied_tx, applied_rx) = oneshot::channel();
+        self.waiters
+            .lock()
+            .expect("waiters lock")
+            .insert(id, applied_tx);
+        let res = self.propose_and_wait(data, applied_rx, deadline).await;
+        if res.is_err() {
+            self.waiters.lock().expect("waiters lock").remove(&id);
+        }
+        res
+    }
+
+    async fn propose_and_wait(
+        &self,
+        data: Vec<u8>,
+        applied_rx: oneshot::Receiver<()>,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), PutError> {
+        let (done_tx, done_rx) = oneshot::channel();
+        let proposal = Proposal {
+            data,
+            done: done_tx,
+        };
+        let accepted = tokio::time::timeout_at(deadline, async {
+            self.propose_tx
+                .send(proposal)
+                .await
+                .map_err(|_| PutError::NotApplied("node is shutting down".into()))?;
+            match done_rx.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(PutError::NotApplied(e.to_string())),
+                Err(_) => Err(PutError::NotApplied("node is shutting down".into())),
+            }
+        })
+        .await;
+        match accepted {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            // Still queued for raft when time ran out: the raft task may yet propose it.
+            Err(_) => return Err(PutError::Unknown("not proposed within the timeout".into())),
+        }
+        match tokio::time::timeout_at(deadline, applied_rx).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(PutError::Unknown("node stopped before applying".into())),
+            Err(_) => Err(PutError::Unknown("not applied within the timeout".into())),
+        }
+    }
+
+    /// Applies one batch from the raft task.
+    pub fn apply(&self, apply: Apply) {
+        match apply {
+            Apply::Entries {
+                index,
+                data,
+                applied,
+            } => {
+                let mut woken = Vec::new();
+                {
+                    let mut map = self.map.write().expect("map lock");
+                    for d in &data {
+                        match bincode::deserialize::<Put>(d) {
+                            Ok(put) => {
+                                woken.push(put.id);
+                                map.insert(put.key, put.value);
+                            }
+                            // Every node decodes the same entry the same way, so skipping it
+                            // keeps the replicas identical.
+                            Err(e) => {
+                                slog::error!(self.logger, "undecodable entry skipped"; "index" => index, "error" => %e)
+                            }
+                        }
+                    }
+                }
+                self.applied_tx.send_replace(index);
+                let mut waiters = self.waiters.lock().expect("waiters lock");
+                for id in woken {
+                    if let Some(w) = waiters.remove(&id) {
+                        let _ = w.send(());
+                    }
+                }
+                drop(waiters);
+                // The raft task may have stopped waiting (it only waits before a snapshot).
+                let _ = applied.send(());
+            }
+            Apply::Snapshot { index, data } => match bincode::deserialize::<Map>(&data) {
+                Ok(map) => {
+                    slog::info!(self.logger, "loaded snapshot"; "index" => index, "keys" => map.len());
+                    *self.map.write().expect("map lock") = map;
+                    self.applied_tx.send_replace(index);
+                }
+                Err(e) => {
+                    // The snapshot passed its CRC, so this is a bug or a foreign format: stop
+                    // rather than serve a map that diverges from the cluster.
+                    slog::crit!(self.logger, "snapshot does not decode"; "index" => index, "error" => %e);
+                    std::process::abort();
+                }
+            },
+        }
+    }
+
+    /// The apply task: drains `commit_rx` until the raft task drops its sender.
+    pub async fn run_apply(self: Arc<Self>, mut commit_rx: mpsc::Receiver<Apply>) {
+        while let Some(a) = commit_rx.recv().await {
+            self.apply(a);
+        }
+        // Waiters whose entries never applied learn that the outcome is unknown.
+        self.waiters.lock().expect("waiters lock").clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (Arc<KvStore>, mpsc::Receiver<Proposal>) {
+        let (tx, rx) = mpsc::channel(8);
+        let log = slog::Logger::root(slog::Discard, slog::o!());
+        (KvStore::new(1, tx, &log), rx)
+    }
+
+    /// The kvstore snapshot round trip (raftexample's `Test_kvstore_snapshot`), with a value
+    /// that is not UTF-8: the original's JSON snapshot would corrupt it.
+    #[test]
+    fn kvstore_snapshot() {
+        let (kv, _rx) = store();
+        let value = vec![0xff, 0x00, 0xfe, b'b'];
+        kv.map
+            .write()
+            .unwrap()
+            .insert(b"/foo".to_vec(), value.clone());
+        assert_eq!(kv.lookup(b"/foo"), Some(value.clone()));
+        let data = kv.snapshot();
+        kv.map.write().unwrap().clear();
+        assert_eq!(kv.lookup(b"/foo"), None);
+        kv.apply(Apply::Snapshot {
+            index: 7,
+            data: data.into(),
+        });
+        assert_eq!(kv.lookup(b"/foo"), Some(value));
+        assert_eq!(kv.applied(), 7);
+    }
+
+    /// A PUT returns only once its own entry is applied, and the applied signal fires.
+    #[tokio::test]
+    async fn put_waits_for_its_entry() {
+        let (kv, mut rx) = store();
+        let kv2 = kv.clone();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        let put =
+            tokio::spawn(async move { kv2.put(b"/k".to_vec(), b"v".to_vec(), deadline).await });
+        let p = rx.recv().await.unwrap();
+        p.done.send(Ok(())).unwrap();
+        assert!(!put.is_finished());
+        let (applied_tx, applied_rx) = oneshot::channel();
+        kv.apply(Apply::Entries {
+            index: 3,
+            data: vec![p.data.into()],
+            applied: applied_tx,
+        });
+        put.await.unwrap().unwrap();
+        applied_rx.await.unwrap();
+        assert_eq!(kv.lookup(b"/k"), Some(b"v".to_vec()));
+        assert_eq!(kv.applied(), 3);
+    }
+
+    /// A proposal raft refuses is reported as definitely not applied.
+    #[tokio::test]
+    async fn dropped_proposal_is_not_applied() {
+        let (kv, mut rx) = store();
+        let kv2 = kv.clone();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        let put =
+            tokio::spawn(async move { kv2.put(b"/k".to_vec(), b"v".to_vec(), deadline).await });
+        let p = rx.recv().await.unwrap();
+        p.done.send(Err(raft::Error::ProposalDropped)).unwrap();
+        assert!(matches!(put.await.unwrap(), Err(PutError::NotApplied(_))));
+        assert!(kv.waiters.lock().unwrap().is_empty());
+    }
+}

@@ -1,0 +1,218 @@
+//! raftexample-rs: a replicated key-value daemon, a Rust port of etcd's `contrib/raftexample`.
+//!
+//! ```text
+//!  client ──HTTP──▶ http_api ──put──▶ kvstore ──propose_tx──▶ ┌────────────┐ ──POST /raft──▶ peers
+//!                      │  ──conf_change_tx───────────────────▶ │ raft_node  │ ◀─raft_msg_tx── transport
+//!                      │  ──read_tx (ReadIndex)──────────────▶ │ RawNode    │ ◀─report_tx──── (senders)
+//!                      ▼                                       │ WAL, snap  │
+//!                   kvstore ◀──commit_tx: Apply::{Entries, Snapshot}───────┘
+//! ```
+//!
+//! * [`kvstore`]: the map, PUT proposals and their waiters, the apply task.
+//! * [`raft_node`]: the Ready loop; the only owner of `RawNode`, [`wal`] and [`snap`].
+//! * [`storage`]: the in-memory raft log (etcd's MemoryStorage semantics).
+//! * [`transport`]: `POST /raft` in and per-peer batching senders out.
+//! * [`http_api`]: the client routes and `/status`, `/health`, `/metrics`.
+//!
+//! [`run`] wires them together; one [`CancellationToken`] stops the daemon.
+
+pub mod config;
+pub mod error;
+pub mod http_api;
+pub mod kvstore;
+pub mod metrics;
+pub mod raft_node;
+pub mod snap;
+pub mod storage;
+pub mod transport;
+pub mod wal;
+
+use std::collections::HashSet;
+use std::future::IntoFuture;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+pub use error::{Error, Result};
+pub use raft_node::Exit;
+
+use kvstore::KvStore;
+use raft_node::{
+    ConfChangeRequest, GetSnapshot, Inputs, NodeStatus, RaftNode, ReadRequest, Shared,
+};
+
+/// Bound of the proposal, read and peer-message channels: enough to batch many requests into
+/// one Ready, small enough to push back on clients when raft falls behind.
+pub const CHANNEL: usize = 4096;
+
+/// What [`start_raft`] hands back (raftexample's `newRaftNode` returns commitC and errorC).
+pub struct RaftHandle {
+    pub commit_rx: mpsc::Receiver<kvstore::Apply>,
+    /// errorC: the raft thread's result, once it stops.
+    pub error_rx: oneshot::Receiver<Result<Exit>>,
+    pub status: Arc<Mutex<NodeStatus>>,
+    pub peer_server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Starts the raft thread and the peer listener (`/raft`, `/status`, `/health`, `/metrics`).
+/// The raft thread replays the snapshot and WAL first; the snapshot it restores is the first
+/// message on `commit_rx`. Cancelling `stop` stops raft, its senders and the peer listener.
+#[allow(clippy::too_many_arguments)]
+pub fn start_raft(
+    cfg: &Config,
+    peer_listener: TcpListener,
+    get_snapshot: GetSnapshot,
+    propose_rx: mpsc::Receiver<kvstore::Proposal>,
+    conf_change_rx: mpsc::Receiver<ConfChangeRequest>,
+    read_rx: mpsc::Receiver<ReadRequest>,
+    logger: &slog::Logger,
+    stop: CancellationToken,
+) -> Result<RaftHandle> {
+    let (raft_msg_tx, raft_msg_rx) = mpsc::channel(CHANNEL);
+    let (report_tx, report_rx) = mpsc::unbounded_channel();
+    let (commit_tx, commit_rx) = mpsc::channel(256);
+    let status = Arc::new(Mutex::new(NodeStatus {
+        id: cfg.id,
+        role: "follower",
+        ..Default::default()
+    }));
+    let removed = Arc::new(RwLock::new(HashSet::new()));
+    let (error_tx, error_rx) = oneshot::channel::<Result<Exit>>();
+    let shared = Shared {
+        commit_tx,
+        removed: removed.clone(),
+        status: status.clone(),
+        report_tx,
+        rt: tokio::runtime::Handle::current(),
+        shutdown: stop.clone(),
+    };
+    let inputs = Inputs {
+        propose_rx,
+        conf_change_rx,
+        read_rx,
+        raft_msg_rx,
+        report_rx,
+    };
+    {
+        let cfg = cfg.clone();
+        let logger = logger.clone();
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name(format!("raft-{}", cfg.id))
+            .spawn(move || {
+                let res = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| Error::Io {
+                        context: "cannot start the raft runtime".into(),
+                        source: e,
+                    })
+                    .and_then(|rt| {
+                        rt.block_on(async {
+                            let node = RaftNode::recover(&cfg, &shared, get_snapshot, &logger)?;
+                            node.run(inputs, stop).await
+                        })
+                    });
+                // `shared` (with the commit sender) drops here, which ends the apply task.
+                drop(shared);
+                let _ = error_tx.send(res);
+            })
+            .map_err(|e| Error::Io {
+                context: "cannot start the raft thread".into(),
+                source: e,
+            })?;
+    }
+
+    let peer_router = transport::router(transport::PeerState {
+        raft_msg_tx,
+        removed,
+        logger: logger.new(slog::o!("component" => "peer-http")),
+    })
+    .merge(http_api::status_router(status.clone()));
+    let peer_server = tokio::spawn(
+        axum::serve(peer_listener, peer_router)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .into_future(),
+    );
+    Ok(RaftHandle {
+        commit_rx,
+        error_rx,
+        status,
+        peer_server,
+    })
+}
+
+/// Runs one node until `shutdown` is cancelled (SIGINT/SIGTERM), the node is removed from the
+/// cluster, or a fatal error. Both listeners are bound by the caller, so a port in use is
+/// reported before anything starts.
+pub async fn run(
+    cfg: Config,
+    peer_listener: TcpListener,
+    client_listener: TcpListener,
+    logger: slog::Logger,
+    shutdown: CancellationToken,
+) -> Result<Exit> {
+    cfg.validate()?;
+    let (propose_tx, propose_rx) = mpsc::channel(CHANNEL);
+    let (conf_change_tx, conf_change_rx) = mpsc::channel(16);
+    let (read_tx, read_rx) = mpsc::channel(CHANNEL);
+    let kv = KvStore::new(cfg.id, propose_tx, &logger);
+    // Raft outlives the client API during shutdown so that in-flight requests can finish.
+    let raft_stop = CancellationToken::new();
+    let snap_kv = kv.clone();
+    let RaftHandle {
+        commit_rx,
+        mut error_rx,
+        peer_server,
+        ..
+    } = start_raft(
+        &cfg,
+        peer_listener,
+        Box::new(move || snap_kv.snapshot()),
+        propose_rx,
+        conf_change_rx,
+        read_rx,
+        &logger,
+        raft_stop.clone(),
+    )?;
+    let apply_task = tokio::spawn(kv.clone().run_apply(commit_rx));
+
+    let client_stop = CancellationToken::new();
+    let client_router = http_api::client_router(
+        http_api::ApiState {
+            kv,
+            conf_change_tx,
+            read_tx,
+            timeout: cfg.request_timeout(),
+        },
+        cfg.max_request_bytes,
+    );
+    let client_server = tokio::spawn(
+        axum::serve(client_listener, client_router)
+            .with_graceful_shutdown(client_stop.clone().cancelled_owned())
+            .into_future(),
+    );
+    slog::info!(logger, "serving"; "peer" => cfg.own_url()?.url, "client" => cfg.client_addr()?);
+
+    let result = tokio::select! {
+        res = &mut error_rx => res,
+        _ = shutdown.cancelled() => {
+            slog::info!(logger, "shutting down: draining client requests");
+            client_stop.cancel();
+            // In-flight requests end within their timeout.
+            let grace = cfg.request_timeout() + Duration::from_secs(1);
+            let _ = tokio::time::timeout(grace, client_server).await;
+            raft_stop.cancel();
+            error_rx.await
+        }
+    };
+    client_stop.cancel();
+    raft_stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(2), peer_server).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), apply_task).await;
+    result.unwrap_or(Err(Error::Recovery("the raft thread died".into())))
+}

@@ -1,0 +1,102 @@
+//! The `raftexample` binary: parse flags, build the logger, bind both listeners, run the node
+//! until SIGINT/SIGTERM or its removal. Every startup error is one line on stderr.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use slog::{o, Drain};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use raftexample::{config, Config, Error};
+
+fn main() -> ExitCode {
+    let cfg = Config::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => return fail(&format!("cannot start the runtime: {e}")),
+    };
+    rt.block_on(start(cfg))
+}
+
+fn fail(msg: &str) -> ExitCode {
+    eprintln!("raftexample: {msg}");
+    ExitCode::FAILURE
+}
+
+async fn start(cfg: Config) -> ExitCode {
+    if let Err(e) = cfg.validate().and_then(|_| check_data_dir(&cfg)) {
+        return fail(&e.to_string());
+    }
+    let (peer, client) = match bind(&cfg).await {
+        Ok(l) => l,
+        Err(e) => return fail(&e.to_string()),
+    };
+
+    let decorator = slog_term::TermDecorator::new().stderr().build();
+    let drain = slog_term::FullFormat::new(decorator).build().fuse();
+    let drain = slog_async::Async::new(drain)
+        .chan_size(4096)
+        .overflow_strategy(slog_async::OverflowStrategy::Block)
+        .build_with_guard();
+    let (drain, guard) = drain;
+    let logger = slog::Logger::root(drain.fuse(), o!("id" => cfg.id));
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signal(shutdown.clone(), logger.clone()));
+    let res = raftexample::run(cfg, peer, client, logger, shutdown).await;
+    // Flush the log before the last line is printed.
+    drop(guard);
+    match res {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => fail(&e.to_string()),
+    }
+}
+
+async fn bind(cfg: &Config) -> Result<(TcpListener, TcpListener), Error> {
+    let own = cfg.own_url()?;
+    let listen = |addr: String, what: &'static str| async move {
+        let sock = config::resolve(&addr)?;
+        TcpListener::bind(sock).await.map_err(|e| Error::Io {
+            context: format!("cannot listen on {what} address {addr}"),
+            source: e,
+        })
+    };
+    let peer = listen(own.authority.clone(), "peer").await?;
+    let client = listen(cfg.client_addr()?, "client").await?;
+    Ok((peer, client))
+}
+
+/// Fails early, with a one-line error, if the data directory cannot be written.
+fn check_data_dir(cfg: &Config) -> Result<(), Error> {
+    let dir = &cfg.data_dir;
+    let err = |source| Error::DataDir {
+        path: dir.clone(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(err)?;
+    let probe = dir.join(format!(".raftexample-{}-probe", cfg.id));
+    std::fs::write(&probe, b"").map_err(err)?;
+    std::fs::remove_file(&probe).map_err(err)
+}
+
+async fn signal(token: CancellationToken, logger: slog::Logger) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+    slog::info!(logger, "signal received");
+    token.cancel();
+}

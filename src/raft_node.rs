@@ -1,0 +1,866 @@
+//! The raft task: sole owner of `RawNode`, the WAL, the snapshotter and the transport.
+//!
+//! Reads `propose_rx` (PUTs), `conf_change_rx` (membership changes), `read_rx` (ReadIndex
+//! requests), `raft_msg_rx` (messages from peers) and `report_rx` (send failures); writes
+//! `commit_tx` ([`Apply`] batches for the kvstore). It runs on a thread of its own with a
+//! current-thread runtime, so a WAL fsync blocks only raft, never the HTTP workers. A fatal
+//! error (WAL or snapshot I/O) ends the task; the caller sees it as the error channel's value.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use protobuf::Message as _;
+use raft::prelude::*;
+use raft::StateRole;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, PeerUrl};
+use crate::error::{Error, Result};
+use crate::kvstore::{Apply, Proposal};
+use crate::snap::Snapshotter;
+use crate::storage::RaftStorage;
+use crate::transport::{Report, Transport};
+use crate::wal::{Wal, WalOptions, WalSnapshot};
+
+const TICK: Duration = Duration::from_millis(100);
+/// Proposals (or peer messages) taken from a channel before the next Ready: one fsync covers
+/// them all.
+const DRAIN: usize = 4096;
+/// Ticks after which an unanswered ReadIndex round is issued again (the first may have been
+/// dropped by a leader change).
+const READ_RETRY_TICKS: u32 = 5;
+
+/// A membership change from the client API (raftexample's `confChangeC`); `done` fires once it
+/// is applied on this node, or with the reason it was refused.
+#[derive(Debug)]
+pub struct ConfChangeRequest {
+    pub cc: ConfChange,
+    pub done: oneshot::Sender<Result<(), ConfChangeError>>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ConfChangeError {
+    #[error("node {0} is already a member")]
+    AlreadyMember(u64),
+    #[error("node {0} was removed and its id cannot be reused")]
+    Removed(u64),
+    #[error("node {0} is not a member")]
+    NotMember(u64),
+    #[error("another membership change is still pending")]
+    Pending,
+    #[error("not applied: {0}")]
+    Dropped(String),
+}
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum ReadError {
+    #[error("no leader known")]
+    NoLeader,
+    #[error("node is shutting down")]
+    Shutdown,
+}
+
+/// A linearizable read waiting for a read index.
+pub type ReadRequest = oneshot::Sender<Result<u64, ReadError>>;
+
+/// What the raft task publishes for `/status` and `/health`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct NodeStatus {
+    pub id: u64,
+    pub role: &'static str,
+    pub leader: u64,
+    pub term: u64,
+    pub commit: u64,
+    pub applied: u64,
+    pub members: BTreeMap<u64, String>,
+}
+
+/// Snapshot payload: the membership the log no longer holds after compaction, and the map.
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapshotData {
+    members: BTreeMap<u64, String>,
+    removed: BTreeSet<u64>,
+    kv: Vec<u8>,
+}
+
+/// The receiving halves the raft task reads.
+pub struct Inputs {
+    pub propose_rx: mpsc::Receiver<Proposal>,
+    pub conf_change_rx: mpsc::Receiver<ConfChangeRequest>,
+    pub read_rx: mpsc::Receiver<ReadRequest>,
+    pub raft_msg_rx: mpsc::Receiver<Message>,
+    pub report_rx: mpsc::UnboundedReceiver<Report>,
+}
+
+/// How the raft task ended without an error.
+#[derive(Debug, PartialEq)]
+pub enum Exit {
+    Shutdown,
+    /// This node applied (or was told of) its own removal.
+    Removed,
+}
+
+pub struct RaftNode {
+    id: u64,
+    node: RawNode<RaftStorage>,
+    wal: Wal,
+    snapshotter: Snapshotter,
+    transport: Transport,
+    get_snapshot: GetSnapshot,
+    commit_tx: mpsc::Sender<Apply>,
+    members: BTreeMap<u64, String>,
+    /// Shared with the `/raft` handler, which answers 410 to these ids.
+    removed: Arc<RwLock<HashSet<u64>>>,
+    /// Index of the last entry handed to the kvstore.
+    applied: u64,
+    snapshot_index: u64,
+    /// Fires when the kvstore has applied the last batch sent (raftexample's `applyDoneC`).
+    last_apply_done: Option<oneshot::Receiver<()>>,
+    pending_cc: HashMap<u64, oneshot::Sender<Result<(), ConfChangeError>>>,
+    reads: ReadBatcher,
+    status: Arc<Mutex<NodeStatus>>,
+    members_changed: bool,
+    exit: Option<Exit>,
+    snapshot_count: u64,
+    catchup_entries: u64,
+    max_snapshots: usize,
+    logger: slog::Logger,
+}
+
+/// Serialises the application state for a snapshot (raftexample's `getSnapshot`); called only
+/// once the application has applied every batch sent so far.
+pub type GetSnapshot = Box<dyn Fn() -> Vec<u8> + Send>;
+
+/// Everything shared between the raft task and the rest of the process.
+pub struct Shared {
+    pub commit_tx: mpsc::Sender<Apply>,
+    pub removed: Arc<RwLock<HashSet<u64>>>,
+    pub status: Arc<Mutex<NodeStatus>>,
+    pub report_tx: mpsc::UnboundedSender<Report>,
+    pub rt: tokio::runtime::Handle,
+    pub shutdown: CancellationToken,
+}
+
+fn conf_change_entry(cc: &ConfChange, index: u64) -> Entry {
+    let mut e = Entry::default();
+    e.set_entry_type(EntryType::EntryConfChange);
+    e.term = 1;
+    e.index = index;
+    e.data = cc
+        .write_to_bytes()
+        .expect("encoding a ConfChange cannot fail")
+        .into();
+    e
+}
+
+/// raftexample's `processMessages`: a MsgSnapshot carries the ConfState of the moment the
+/// snapshot was taken, which may be stale if membership changed since; the receiver would
+/// then restore an outdated configuration. Send the current one.
+pub fn process_messages(msgs: &mut [Message], cs: &ConfState) {
+    for m in msgs {
+        if m.get_msg_type() == MessageType::MsgSnapshot {
+            m.mut_snapshot().mut_metadata().set_conf_state(cs.clone());
+        }
+    }
+}
+
+impl RaftNode {
+    /// Replays the snapshot and WAL (or bootstraps a new member) and builds the node.
+    pub fn recover(
+        cfg: &Config,
+        shared: &Shared,
+        get_snapshot: GetSnapshot,
+        logger: &slog::Logger,
+    ) -> Result<RaftNode> {
+        let peers = cfg.peers()?;
+        let started = Instant::now();
+        let snapshotter = Snapshotter::new(&cfg.snap_dir(), logger)?;
+        let old_wal = Wal::exists(&cfg.wal_dir());
+        let (mut wal, rec) = Wal::open(
+            &cfg.wal_dir(),
+            WalOptions {
+                segment_size: cfg.wal_segment_size,
+                ..Default::default()
+            },
+            logger,
+        )?;
+        let mut storage = RaftStorage::default();
+        let mut members: BTreeMap<u64, String> =
+            peers.iter().map(|(id, u)| (*id, u.url.clone())).collect();
+        let mut removed = HashSet::new();
+        let mut snapshot_index = 0;
+
+        // Only a snapshot the WAL vouches for (its marker is at or below the durable commit)
+        // matches the log that follows.
+        let valid: Vec<(u64, u64)> = rec
+            .snapshots
+            .iter()
+            .filter(|s| s.index <= rec.hard_state.commit)
+            .map(|s| (s.term, s.index))
+            .collect();
+        if let Some(snap) = snapshotter.load_newest_available(&valid)? {
+            let meta = snap.get_metadata();
+            snapshot_index = meta.index;
+            let data: SnapshotData = bincode::deserialize(&snap.data).map_err(|e| {
+                Error::Recovery(format!(
+                    "snapshot at index {} does not decode: {e}",
+                    meta.index
+                ))
+            })?;
+            members = data.members;
+            removed = data.removed.into_iter().collect();
+            shared
+                .commit_tx
+                .try_send(Apply::Snapshot {
+                    index: meta.index,
+                    data: data.kv.into(),
+                })
+                .map_err(|_| Error::Recovery("the kvstore stopped".into()))?;
+            storage.apply_snapshot(snap)?;
+        } else if valid.iter().any(|&(_, i)| i > 0) {
+            return Err(Error::Recovery(
+                "the WAL references snapshots but no matching .snap file is readable".into(),
+            ));
+        }
+
+        let mut hs = rec.hard_state;
+        hs.commit = hs.commit.max(snapshot_index);
+        let entries: Vec<Entry> = rec
+            .entries
+            .into_iter()
+            .filter(|e| e.index > snapshot_index)
+            .collect();
+        if let Some(first) = entries.first() {
+            if first.index != snapshot_index + 1 {
+                return Err(Error::Recovery(format!(
+                    "WAL entries start at index {} but the snapshot ends at {}",
+                    first.index, snapshot_index
+                )));
+            }
+        }
+        storage.set_hard_state(hs.clone());
+        storage.append(&entries)?;
+
+        let mut applied = snapshot_index;
+        if !old_wal && !cfg.join {
+            // etcd's StartNode: every initial member is an AddNode entry at term 1, committed
+            // and already applied, so a node that joins later replays the same membership.
+            let mut ents = Vec::new();
+            let mut cs = ConfState::default();
+            for (id, url) in &peers {
+                let mut cc = ConfChange::default();
+                cc.set_change_type(ConfChangeType::AddNode);
+                cc.node_id = *id;
+                cc.context = url.url.clone().into_bytes().into();
+                ents.push(conf_change_entry(&cc, *id));
+                cs.voters.push(*id);
+            }
+            let hs = HardState {
+                term: 1,
+                commit: ents.len() as u64,
+                ..Default::default()
+            };
+            wal.save(&ents, Some(&hs), true)?;
+            storage.append(&ents)?;
+            storage.set_hard_state(hs);
+            storage.set_conf_state(cs);
+            applied = ents.len() as u64;
+            slog::info!(logger, "bootstrapped new cluster"; "members" => peers.len());
+        } else {
+            slog::info!(logger, "recovered";
+                "snapshot_index" => snapshot_index, "entries" => entries.len(),
+                "term" => hs.term, "commit" => hs.commit,
+                "ms" => started.elapsed().as_millis() as u64, "join" => cfg.join);
+        }
+
+        let raft_cfg = raft::Config {
+            id: cfg.id,
+            election_tick: 10,
+            heartbeat_tick: 1,
+            applied,
+            max_size_per_msg: 1024 * 1024,
+            max_inflight_msgs: 256,
+            max_uncommitted_size: 1 << 30,
+            check_quorum: true,
+            pre_vote: true,
+            ..raft::Config::default()
+        };
+        let node = RawNode::new(&raft_cfg, storage, logger)?;
+
+        let mut transport = Transport::new(
+            cfg.id,
+            shared.report_tx.clone(),
+            shared.rt.clone(),
+            shared.shutdown.clone(),
+            logger,
+        );
+        for (id, url) in &members {
+            if !removed.contains(id) {
+                transport.add_peer(*id, url);
+            }
+        }
+        *shared.removed.write().expect("removed-set lock") = removed;
+
+        Ok(RaftNode {
+            id: cfg.id,
+            node,
+            wal,
+            snapshotter,
+            transport,
+            get_snapshot,
+            commit_tx: shared.commit_tx.clone(),
+            members,
+            removed: shared.removed.clone(),
+            applied,
+            snapshot_index,
+            last_apply_done: None,
+            pending_cc: HashMap::new(),
+            reads: ReadBatcher::default(),
+            status: shared.status.clone(),
+            members_changed: true,
+            exit: None,
+            snapshot_count: cfg.snapshot_count,
+            catchup_entries: cfg.snapshot_catchup_entries,
+            max_snapshots: cfg.max_snapshots,
+            logger: logger.clone(),
+        })
+    }
+
+    /// The event loop: a 100 ms ticker plus the input channels, each event followed by as many
+    /// Ready rounds as raft has.
+    pub async fn run(mut self, mut inp: Inputs, token: CancellationToken) -> Result<Exit> {
+        let mut ticker = tokio::time::interval(TICK);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.publish_status();
+        loop {
+            tokio::select! {
+                biased;
+                _ = token.cancelled() => break,
+                _ = ticker.tick() => {
+                    self.node.tick();
+                    self.reads.on_tick(&mut self.node);
+                }
+                Some(m) = inp.raft_msg_rx.recv() => {
+                    self.step(m);
+                    for _ in 0..DRAIN {
+                        match inp.raft_msg_rx.try_recv() { Ok(m) => self.step(m), Err(_) => break }
+                    }
+                }
+                Some(r) = inp.report_rx.recv() => {
+                    self.report(r);
+                    while let Ok(r) = inp.report_rx.try_recv() { self.report(r) }
+                }
+                p = inp.propose_rx.recv() => {
+                    // Every proposer gone is raftexample's closed proposeC: stop.
+                    let Some(p) = p else { break };
+                    self.propose(p);
+                    for _ in 0..DRAIN {
+                        match inp.propose_rx.try_recv() { Ok(p) => self.propose(p), Err(_) => break }
+                    }
+                }
+                Some(r) = inp.read_rx.recv() => {
+                    self.reads.queued.push(r);
+                    while let Ok(r) = inp.read_rx.try_recv() { self.reads.queued.push(r) }
+                }
+                Some(cc) = inp.conf_change_rx.recv() => self.propose_conf_change(cc),
+            }
+            self.reads.flush(&mut self.node);
+            while self.node.has_ready() && self.exit.is_none() {
+                self.on_ready().await?;
+            }
+            self.publish_status();
+            if self.exit.is_some() {
+                break;
+            }
+        }
+        self.wal.sync()?;
+        self.reads.fail_all(ReadError::Shutdown);
+        let exit = self.exit.take().unwrap_or(Exit::Shutdown);
+        slog::info!(self.logger, "raft stopped"; "exit" => ?exit, "applied" => self.applied);
+        Ok(exit)
+    }
+
+    fn step(&mut self, m: Message) {
+        if let Err(e) = self.node.step(m) {
+            // StepPeerNotFound (a removed peer's response) and StepLocalMsg (a local-only type
+            // sent over the wire) are expected noise, never fatal.
+            slog::debug!(self.logger, "step failed"; "error" => %e);
+        }
+    }
+
+    fn report(&mut self, r: Report) {
+        match r {
+            Report::Unreachable(id) => self.node.report_unreachable(id),
+            Report::Snapshot(id, status) => self.node.report_snapshot(id, status),
+            Report::Removed => {
+                slog::warn!(
+                    self.logger,
+                    "a peer says this node was removed from the cluster; shutting down"
+                );
+                self.exit = Some(Exit::Removed);
+            }
+        }
+    }
+
+    fn propose(&mut self, p: Proposal) {
+        let res = self.node.propose(vec![], p.data);
+        crate::metrics::proposal(res.is_ok());
+        let _ = p.done.send(res);
+    }
+
+    /// True if a conf change may still be in flight: raft's own check (leader only), one of
+    /// ours not yet applied, or one in the unapplied part of the log.
+    fn conf_change_pending(&mut self) -> bool {
+        self.pending_cc.retain(|_, tx| !tx.is_closed());
+        if self.node.raft.has_pending_conf() || !self.pending_cc.is_empty() {
+            return true;
+        }
+        let store = self.node.store();
+        let last = store.last_index().unwrap_or(0);
+        let lo = self
+            .applied
+            .max(store.first_index().unwrap_or(1).saturating_sub(1))
+            + 1;
+        lo <= last
+            && store
+                .entries(lo, last + 1, None, raft::GetEntriesContext::empty(false))
+                .map(|ents| {
+                    ents.iter()
+                        .any(|e| e.get_entry_type() != EntryType::EntryNormal)
+                })
+                .unwrap_or(true)
+    }
+
+    fn propose_conf_change(&mut self, req: ConfChangeRequest) {
+        let id = req.cc.node_id;
+        let is_member = self.node.store().conf_state().voters.contains(&id)
+            || self.node.store().conf_state().learners.contains(&id);
+        let check = match req.cc.get_change_type() {
+            _ if self.removed.read().expect("removed-set lock").contains(&id) => {
+                Err(ConfChangeError::Removed(id))
+            }
+            ConfChangeType::AddNode | ConfChangeType::AddLearnerNode if is_member => {
+                Err(ConfChangeError::AlreadyMember(id))
+            }
+            ConfChangeType::RemoveNode if !is_member => Err(ConfChangeError::NotMember(id)),
+            _ if self.conf_change_pending() => Err(ConfChangeError::Pending),
+            _ => Ok(()),
+        };
+        if let Err(e) = check {
+            let _ = req.done.send(Err(e));
+            return;
+        }
+        let cc_id = req.cc.id;
+        match self.node.propose_conf_change(vec![], req.cc) {
+            Ok(()) => {
+                self.pending_cc.insert(cc_id, req.done);
+            }
+            Err(e) => {
+                let _ = req.done.send(Err(ConfChangeError::Dropped(e.to_string())));
+            }
+        }
+    }
+
+    /// One Ready round, in raft-rs 0.7's order.
+    async fn on_ready(&mut self) -> Result<()> {
+        let mut rd = self.node.ready();
+
+        // 1. A leader may send before it persists (Raft thesis 10.2.1): its own disk write then
+        // runs in parallel with the followers'.
+        self.send(rd.take_messages());
+
+        // 2. Snapshot from the leader. The .snap file goes before the WAL record: a .snap with
+        // no WAL record is simply ignored at restart, but a WAL record whose .snap is missing
+        // could not be recovered.
+        if !rd.snapshot().is_empty() {
+            let snap = rd.snapshot().clone();
+            let meta = snap.get_metadata();
+            let marker = WalSnapshot {
+                index: meta.index,
+                term: meta.term,
+            };
+            self.snapshotter.save(&snap)?;
+            self.wal.save_snapshot(&marker)?;
+            self.install_snapshot(snap).await?;
+        }
+
+        // 3. Entries committed earlier and already persisted.
+        self.apply_committed(rd.take_committed_entries()).await?;
+
+        // 4. Entries, then HardState, in one write; fsync if raft needs it before answering.
+        let hs = rd.hs().cloned();
+        if !rd.entries().is_empty() || hs.is_some() {
+            let started = Instant::now();
+            self.wal.save(rd.entries(), hs.as_ref(), rd.must_sync())?;
+            if rd.must_sync() {
+                crate::metrics::wal_fsync(started.elapsed());
+            }
+            let store = self.node.mut_store();
+            store.append(rd.entries())?;
+            if let Some(hs) = hs {
+                store.set_hard_state(hs);
+            }
+        }
+
+        // 5. Votes and append responses only once what they promise is on disk.
+        self.send(rd.take_persisted_messages());
+
+        // 6. Read indexes answered by the leader.
+        self.reads.resolve(rd.take_read_states());
+
+        // 7. Advance. raft-rs never repeats a LightReady's commit index in a later Ready.hs,
+        // so persist it here (no fsync: a lost commit index is recomputed by raft).
+        let mut light = self.node.advance(rd);
+        if let Some(commit) = light.commit_index() {
+            let store = self.node.mut_store();
+            store.set_commit(commit);
+            let hs = store.hard_state().clone();
+            self.wal.save(&[], Some(&hs), false)?;
+        }
+        self.send(light.take_messages());
+        self.apply_committed(light.take_committed_entries()).await?;
+        self.node.advance_apply();
+
+        self.maybe_trigger_snapshot().await
+    }
+
+    fn send(&mut self, mut msgs: Vec<Message>) {
+        if msgs.is_empty() {
+            return;
+        }
+        process_messages(&mut msgs, self.node.store().conf_state());
+        self.transport.send(msgs);
+    }
+
+    /// Installs a snapshot received from the leader: raft storage, membership, then the map
+    /// (the nil-on-commitC of raftexample).
+    async fn install_snapshot(&mut self, snap: Snapshot) -> Result<()> {
+        let index = snap.get_metadata().index;
+        let data: SnapshotData = bincode::deserialize(&snap.data).map_err(|e| {
+            Error::Recovery(format!(
+                "snapshot at index {index} from the leader does not decode: {e}"
+            ))
+        })?;
+        self.node.mut_store().apply_snapshot(snap)?;
+        for (id, url) in &data.members {
+            if !data.removed.contains(id) {
+                self.transport.add_peer(*id, url);
+            }
+        }
+        for id in self.members.keys() {
+            if !data.members.contains_key(id) {
+                self.transport.remove_peer(*id);
+            }
+        }
+        self.members = data.members;
+        self.members_changed = true;
+        *self.removed.write().expect("removed-set lock") = data.removed.into_iter().collect();
+        slog::info!(self.logger, "installing snapshot from leader"; "index" => index, "bytes" => data.kv.len());
+        self.send_apply(Apply::Snapshot {
+            index,
+            data: data.kv.into(),
+        })
+        .await?;
+        self.applied = index;
+        self.snapshot_index = index;
+        Ok(())
+    }
+
+    async fn send_apply(&mut self, a: Apply) -> Result<()> {
+        self.commit_tx
+            .send(a)
+            .await
+            .map_err(|_| Error::Recovery("the kvstore stopped".into()))
+    }
+
+    async fn apply_committed(&mut self, entries: Vec<Entry>) -> Result<()> {
+        let Some(last) = entries.last().map(|e| e.index) else {
+            return Ok(());
+        };
+        if last <= self.applied {
+            return Ok(());
+        }
+        let mut data: Vec<Bytes> = Vec::new();
+        for e in entries {
+            if e.index <= self.applied {
+                continue;
+            }
+            match e.get_entry_type() {
+                // An empty entry is a new leader's no-op.
+                EntryType::EntryNormal if !e.data.is_empty() => data.push(e.data),
+                EntryType::EntryNormal => {}
+                EntryType::EntryConfChange => match ConfChange::parse_from_bytes(&e.data) {
+                    Ok(cc) => self.apply_conf_change(cc),
+                    Err(err) => {
+                        slog::error!(self.logger, "undecodable conf change skipped"; "index" => e.index, "error" => %err)
+                    }
+                },
+                EntryType::EntryConfChangeV2 => {
+                    slog::error!(self.logger, "ConfChangeV2 is never proposed here; skipped"; "index" => e.index)
+                }
+            }
+            if self.exit.is_some() {
+                // Our own removal: entries after it are no business of this node.
+                break;
+            }
+        }
+        let (tx, rx) = oneshot::channel();
+        self.send_apply(Apply::Entries {
+            index: last,
+            data,
+            applied: tx,
+        })
+        .await?;
+        self.last_apply_done = Some(rx);
+        self.applied = last;
+        Ok(())
+    }
+
+    fn apply_conf_change(&mut self, cc: ConfChange) {
+        let id = cc.node_id;
+        let result = match self.node.apply_conf_change(&cc) {
+            Ok(cs) => {
+                self.node.mut_store().set_conf_state(cs);
+                Ok(())
+            }
+            Err(e) => {
+                slog::error!(self.logger, "conf change rejected by raft"; "node" => id, "error" => %e);
+                Err(ConfChangeError::Dropped(e.to_string()))
+            }
+        };
+        if result.is_ok() {
+            match cc.get_change_type() {
+                ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
+                    match std::str::from_utf8(&cc.context).map(PeerUrl::parse) {
+                        Ok(Ok(url)) => {
+                            self.transport.add_peer(id, &url.url);
+                            self.members.insert(id, url.url);
+                        }
+                        _ if cc.context.is_empty() => {}
+                        _ => {
+                            slog::error!(self.logger, "added member has an invalid peer URL"; "node" => id)
+                        }
+                    }
+                    slog::info!(self.logger, "member added"; "node" => id);
+                }
+                ConfChangeType::RemoveNode => {
+                    self.members.remove(&id);
+                    self.removed.write().expect("removed-set lock").insert(id);
+                    if id == self.id {
+                        slog::info!(
+                            self.logger,
+                            "this node was removed from the cluster; shutting down"
+                        );
+                        self.exit = Some(Exit::Removed);
+                    } else {
+                        self.transport.remove_peer(id);
+                        slog::info!(self.logger, "member removed"; "node" => id);
+                    }
+                }
+            }
+            self.members_changed = true;
+        }
+        if let Some(done) = self.pending_cc.remove(&cc.id) {
+            let _ = done.send(result);
+        }
+    }
+
+    /// raftexample's `maybeTriggerSnapshot`: every `snapshot_count` applied entries, snapshot
+    /// the map once it has caught up, then compact the log, keeping catch-up entries.
+    async fn maybe_trigger_snapshot(&mut self) -> Result<()> {
+        if self.applied - self.snapshot_index <= self.snapshot_count {
+            return Ok(());
+        }
+        if let Some(done) = self.last_apply_done.take() {
+            // The map must hold exactly the entries up to `applied`.
+            let _ = done.await;
+        }
+        let started = Instant::now();
+        let index = self.applied;
+        let data = SnapshotData {
+            members: self.members.clone(),
+            removed: self
+                .removed
+                .read()
+                .expect("removed-set lock")
+                .iter()
+                .copied()
+                .collect(),
+            kv: (self.get_snapshot)(),
+        };
+        let bytes = bincode::serialize(&data).expect("serialising snapshot data cannot fail");
+        let cs = self.node.store().conf_state().clone();
+        let snap = self.node.mut_store().create_snapshot(index, cs, bytes)?;
+        let marker = WalSnapshot {
+            index,
+            term: snap.get_metadata().term,
+        };
+        self.snapshotter.save(snap)?;
+        self.wal.save_snapshot(&marker)?;
+        self.snapshot_index = index;
+        let compact = index.saturating_sub(self.catchup_entries);
+        if compact > 0 {
+            self.node.mut_store().compact(compact)?;
+        }
+        let wals = self.wal.release_to(index)?;
+        let snaps = self.snapshotter.purge(self.max_snapshots)?;
+        crate::metrics::snapshot();
+        slog::info!(self.logger, "snapshot taken"; "index" => index, "compacted_to" => compact,
+            "purged_wal" => wals, "purged_snap" => snaps,
+            "ms" => started.elapsed().as_millis() as u64);
+        Ok(())
+    }
+
+    fn publish_status(&mut self) {
+        let raft = &self.node.raft;
+        let mut st = self.status.lock().expect("status lock");
+        st.id = self.id;
+        st.role = match raft.state {
+            StateRole::Leader => "leader",
+            StateRole::Follower => "follower",
+            StateRole::Candidate => "candidate",
+            StateRole::PreCandidate => "pre_candidate",
+        };
+        st.leader = raft.leader_id;
+        st.term = raft.term;
+        st.commit = raft.raft_log.committed;
+        st.applied = self.applied;
+        crate::metrics::indexes(st.commit, st.applied);
+        if self.members_changed {
+            st.members = self.members.clone();
+            self.members_changed = false;
+        }
+    }
+}
+
+/// Batches linearizable reads: every read queued while a round is prepared shares one
+/// ReadIndex request. Any read state for round `c` also answers rounds issued before it, since
+/// they started earlier.
+#[derive(Default)]
+struct ReadBatcher {
+    queued: Vec<ReadRequest>,
+    inflight: VecDeque<(u64, Vec<ReadRequest>)>,
+    next_ctx: u64,
+    idle_ticks: u32,
+}
+
+impl ReadBatcher {
+    fn issue(&mut self, node: &mut RawNode<RaftStorage>, batch: Vec<ReadRequest>) {
+        self.next_ctx += 1;
+        node.read_index(self.next_ctx.to_be_bytes().to_vec());
+        self.inflight.push_back((self.next_ctx, batch));
+        self.idle_ticks = 0;
+    }
+
+    fn flush(&mut self, node: &mut RawNode<RaftStorage>) {
+        if self.queued.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.queued);
+        if node.raft.leader_id == raft::INVALID_ID {
+            for r in batch {
+                let _ = r.send(Err(ReadError::NoLeader));
+            }
+            return;
+        }
+        self.issue(node, batch);
+    }
+
+    fn on_tick(&mut self, node: &mut RawNode<RaftStorage>) {
+        for (_, batch) in self.inflight.iter_mut() {
+            batch.retain(|r| !r.is_closed());
+        }
+        while self.inflight.front().is_some_and(|(_, b)| b.is_empty()) {
+            self.inflight.pop_front();
+        }
+        if self.inflight.is_empty() {
+            return;
+        }
+        self.idle_ticks += 1;
+        if self.idle_ticks < READ_RETRY_TICKS {
+            return;
+        }
+        if node.raft.leader_id == raft::INVALID_ID {
+            self.fail_all(ReadError::NoLeader);
+        } else {
+            self.issue(node, Vec::new());
+        }
+    }
+
+    fn resolve(&mut self, states: Vec<ReadState>) {
+        for rs in states {
+            let Ok(ctx) = <[u8; 8]>::try_from(&rs.request_ctx[..]) else {
+                continue;
+            };
+            let ctx = u64::from_be_bytes(ctx);
+            while self.inflight.front().is_some_and(|(c, _)| *c <= ctx) {
+                let (_, batch) = self.inflight.pop_front().expect("front exists");
+                for r in batch {
+                    let _ = r.send(Ok(rs.index));
+                }
+            }
+        }
+    }
+
+    fn fail_all(&mut self, e: ReadError) {
+        for (_, batch) in self.inflight.drain(..) {
+            for r in batch {
+                let _ = r.send(Err(e.clone()));
+            }
+        }
+        for r in self.queued.drain(..) {
+            let _ = r.send(Err(e.clone()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// raftexample's `TestProcessMessages`: an outgoing MsgSnapshot gets the node's current
+    /// ConfState (AutoLeave cleared too), other messages pass unchanged and in order.
+    #[test]
+    fn process_messages() {
+        let stale = ConfState {
+            voters: vec![2, 6, 8],
+            auto_leave: true,
+            ..Default::default()
+        };
+        let mut snap_msg = Message::default();
+        snap_msg.set_msg_type(MessageType::MsgSnapshot);
+        snap_msg.to = 8;
+        snap_msg.mut_snapshot().mut_metadata().set_conf_state(stale);
+        let mut app = Message::default();
+        app.set_msg_type(MessageType::MsgAppend);
+        app.from = 6;
+        app.to = 8;
+
+        let current = ConfState {
+            voters: vec![2, 6, 8, 10],
+            ..Default::default()
+        };
+        let mut msgs = vec![snap_msg.clone()];
+        super::process_messages(&mut msgs, &current);
+        assert_eq!(
+            msgs[0].get_snapshot().get_metadata().get_conf_state(),
+            &current
+        );
+
+        let current = ConfState {
+            voters: vec![2, 7, 8, 12],
+            ..Default::default()
+        };
+        let mut msgs = vec![snap_msg, app.clone()];
+        super::process_messages(&mut msgs, &current);
+        assert_eq!(
+            msgs[0].get_snapshot().get_metadata().get_conf_state(),
+            &current
+        );
+        assert_eq!(msgs[1], app);
+    }
+}

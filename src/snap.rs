@@ -1,0 +1,400 @@
+//! Snapshot files: one raft `Snapshot` (metadata + state machine data) per
+//! file, modelled on etcd's `snap` package.
+//!
+//! A file is named `%016x-%016x.snap` after `(term, index)` and holds
+//! `crc: u32 LE` (CRC-32C of the payload) followed by the payload, the
+//! protobuf-encoded `eraftpb.Snapshot`. Files are written as `<name>.tmp`,
+//! fsynced, renamed and the directory fsynced, so a visible `.snap` file is
+//! always complete. A file that fails its checks on load is renamed to
+//! `<name>.broken` and kept for inspection.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use protobuf::Message;
+use raft::prelude::Snapshot;
+use slog::{info, o, warn, Logger};
+
+const EXT: &str = ".snap";
+const TMP_EXT: &str = ".snap.tmp";
+const BROKEN_EXT: &str = ".broken";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("snap: {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("snap: corrupt snapshot file {}: {reason}", path.display())]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("snap: cannot encode snapshot: {reason}")]
+    Encode { reason: String },
+}
+
+impl Error {
+    fn io(path: &Path, source: io::Error) -> Self {
+        Error::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Snapshotter {
+    dir: PathBuf,
+    logger: Logger,
+}
+
+impl Snapshotter {
+    /// Uses `dir`, creating it (mode 0750) if missing.
+    pub fn new(dir: &Path, logger: &Logger) -> Result<Self, Error> {
+        if !dir.is_dir() {
+            let mut b = fs::DirBuilder::new();
+            b.recursive(true);
+            #[cfg(unix)]
+            std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o750);
+            b.create(dir).map_err(|e| Error::io(dir, e))?;
+            // Without this a crash could lose the directory, and with it
+            // snapshots the WAL has already released entries for.
+            match dir.parent() {
+                Some(p) if !p.as_os_str().is_empty() => sync_dir(p)?,
+                _ => sync_dir(Path::new("."))?,
+            }
+        }
+        Ok(Snapshotter {
+            dir: dir.to_path_buf(),
+            logger: logger.new(o!("component" => "snap")),
+        })
+    }
+
+    /// Writes the snapshot durably as `%016x-%016x.snap` (term, index). An
+    /// empty snapshot (index 0) carries nothing to restore and is not
+    /// written, as in etcd.
+    pub fn save(&self, snap: &Snapshot) -> Result<(), Error> {
+        let meta = snap.get_metadata();
+        if meta.index == 0 {
+            return Ok(());
+        }
+        let payload = snap.write_to_bytes().map_err(|e| Error::Encode {
+            reason: e.to_string(),
+        })?;
+        let name = file_name(meta.term, meta.index);
+        let path = self.dir.join(&name);
+        let tmp = self.dir.join(format!("{name}.tmp"));
+        let write_tmp = || -> io::Result<()> {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&tmp)?;
+            f.write_all(&crc32c::crc32c(&payload).to_le_bytes())?;
+            f.write_all(&payload)?;
+            f.sync_all()
+        };
+        if let Err(e) = write_tmp() {
+            // A partial file must not be mistaken for a snapshot later.
+            let _ = fs::remove_file(&tmp);
+            return Err(Error::io(&tmp, e));
+        }
+        fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+        sync_dir(&self.dir)?;
+        info!(self.logger, "saved snapshot";
+            "term" => meta.term, "index" => meta.index, "bytes" => payload.len() + 4);
+        Ok(())
+    }
+
+    /// Returns the newest snapshot whose `(term, index)` is one of
+    /// `wal_snaps` and which passes its checks. A failing file is renamed
+    /// to `<name>.broken` (with a warning) and the next older one is tried.
+    /// `Ok(None)` if none qualifies.
+    pub fn load_newest_available(
+        &self,
+        wal_snaps: &[(u64, u64)],
+    ) -> Result<Option<Snapshot>, Error> {
+        for (term, index, path) in self.list()? {
+            if !wal_snaps.contains(&(term, index)) {
+                continue;
+            }
+            let bytes = fs::read(&path).map_err(|e| Error::io(&path, e))?;
+            match decode(&bytes, term, index) {
+                Ok(snap) => {
+                    info!(self.logger, "loaded snapshot";
+                        "term" => term, "index" => index, "bytes" => bytes.len());
+                    return Ok(Some(snap));
+                }
+                Err(reason) => self.set_aside(&path, &reason)?,
+            }
+        }
+        Ok(None)
+    }
+
+    /// Deletes `.snap` files beyond the newest `keep`, and leftover temporary
+    /// files. `.broken` files are kept. Returns how many files were removed.
+    pub fn purge(&self, keep: usize) -> Result<usize, Error> {
+        let mut doomed: Vec<PathBuf> = self
+            .list()?
+            .into_iter()
+            .skip(keep)
+            .map(|(_, _, p)| p)
+            .collect();
+        for ent in fs::read_dir(&self.dir).map_err(|e| Error::io(&self.dir, e))? {
+            let ent = ent.map_err(|e| Error::io(&self.dir, e))?;
+            if ent
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.ends_with(TMP_EXT))
+            {
+                doomed.push(ent.path());
+            }
+        }
+        for path in &doomed {
+            fs::remove_file(path).map_err(|e| Error::io(path, e))?;
+        }
+        if !doomed.is_empty() {
+            sync_dir(&self.dir)?;
+            info!(self.logger, "purged snapshot files"; "removed" => doomed.len(), "kept" => keep);
+        }
+        Ok(doomed.len())
+    }
+
+    /// `(term, index, path)` of every `.snap` file, newest first.
+    fn list(&self) -> Result<Vec<(u64, u64, PathBuf)>, Error> {
+        let mut snaps = Vec::new();
+        for ent in fs::read_dir(&self.dir).map_err(|e| Error::io(&self.dir, e))? {
+            let ent = ent.map_err(|e| Error::io(&self.dir, e))?;
+            if let Some((term, index)) = ent.file_name().to_str().and_then(parse_name) {
+                snaps.push((term, index, ent.path()));
+            }
+        }
+        snaps.sort_by_key(|&(term, index, _)| std::cmp::Reverse((term, index)));
+        Ok(snaps)
+    }
+
+    fn set_aside(&self, path: &Path, reason: &str) -> Result<(), Error> {
+        let mut broken = path.as_os_str().to_owned();
+        broken.push(BROKEN_EXT);
+        warn!(self.logger, "snapshot file is unusable; renaming it";
+            "file" => path.display(), "reason" => reason, "to" => Path::new(&broken).display());
+        fs::rename(path, &broken).map_err(|e| Error::io(path, e))?;
+        sync_dir(&self.dir)
+    }
+}
+
+fn file_name(term: u64, index: u64) -> String {
+    format!("{term:016x}-{index:016x}{EXT}")
+}
+
+/// Accepts exactly `%016x-%016x.snap` (lowercase hex).
+fn parse_name(name: &str) -> Option<(u64, u64)> {
+    let (term, index) = name.strip_suffix(EXT)?.split_once('-')?;
+    let hex = |s: &str| {
+        let ok = s.len() == 16 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        ok.then(|| u64::from_str_radix(s, 16).ok()).flatten()
+    };
+    Some((hex(term)?, hex(index)?))
+}
+
+/// Checks a file's bytes against its CRC and its name.
+fn decode(bytes: &[u8], term: u64, index: u64) -> Result<Snapshot, String> {
+    if bytes.len() < 4 {
+        return Err(format!(
+            "file is {} bytes, too short for its crc",
+            bytes.len()
+        ));
+    }
+    let (crc, payload) = bytes.split_at(4);
+    let stored = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
+    let computed = crc32c::crc32c(payload);
+    if stored != computed {
+        return Err(format!(
+            "crc mismatch (stored {stored:08x}, computed {computed:08x})"
+        ));
+    }
+    let snap = Snapshot::parse_from_bytes(payload).map_err(|e| format!("undecodable: {e}"))?;
+    let meta = snap.get_metadata();
+    if (meta.term, meta.index) != (term, index) {
+        return Err(format!(
+            "metadata says term {} index {}, name says term {term} index {index}",
+            meta.term, meta.index
+        ));
+    }
+    Ok(snap)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), Error> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(dir, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raft::prelude::{ConfState, SnapshotMetadata};
+    use tempfile::TempDir;
+
+    fn logger() -> Logger {
+        Logger::root(slog::Discard, o!())
+    }
+
+    fn snap(term: u64, index: u64) -> Snapshot {
+        let cs = ConfState {
+            voters: vec![1, 2, 3],
+            ..Default::default()
+        };
+        let meta = SnapshotMetadata {
+            term,
+            index,
+            conf_state: Some(cs).into(),
+            ..Default::default()
+        };
+        Snapshot {
+            metadata: Some(meta).into(),
+            // Not UTF-8.
+            data: vec![0xff, 0x00, 0xfe, index as u8].into(),
+            ..Default::default()
+        }
+    }
+
+    fn files(dir: &Path) -> Vec<String> {
+        let mut v: Vec<_> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn new_creates_the_dir() {
+        let tmp = TempDir::new().unwrap();
+        let dir = tmp.path().join("x/snap");
+        Snapshotter::new(&dir, &logger()).unwrap();
+        assert!(dir.is_dir());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(&dir).unwrap().permissions().mode();
+            assert_eq!(mode & 0o027, 0, "{mode:o}");
+        }
+    }
+
+    #[test]
+    fn save_and_load_round_trip() {
+        let tmp = TempDir::new().unwrap();
+        let s = Snapshotter::new(tmp.path(), &logger()).unwrap();
+        s.save(&snap(2, 0x1f)).unwrap();
+        assert_eq!(
+            files(tmp.path()),
+            ["0000000000000002-000000000000001f.snap"]
+        );
+        let got = s.load_newest_available(&[(2, 0x1f)]).unwrap().unwrap();
+        assert_eq!(got, snap(2, 0x1f));
+    }
+
+    #[test]
+    fn empty_snapshot_is_not_written() {
+        let tmp = TempDir::new().unwrap();
+        let s = Snapshotter::new(tmp.path(), &logger()).unwrap();
+        s.save(&Snapshot::default()).unwrap();
+        assert!(files(tmp.path()).is_empty());
+    }
+
+    #[test]
+    fn newest_matching_the_wal_is_chosen() {
+        let tmp = TempDir::new().unwrap();
+        let s = Snapshotter::new(tmp.path(), &logger()).unwrap();
+        for (t, i) in [(1, 10), (1, 20), (2, 30)] {
+            s.save(&snap(t, i)).unwrap();
+        }
+        let load = |w: &[(u64, u64)]| s.load_newest_available(w).unwrap();
+        assert_eq!(load(&[(1, 10), (1, 20), (2, 30)]), Some(snap(2, 30)));
+        assert_eq!(load(&[(1, 10), (1, 20)]), Some(snap(1, 20)));
+        assert_eq!(load(&[(1, 10), (2, 20)]), Some(snap(1, 10)));
+        assert_eq!(load(&[]), None);
+    }
+
+    #[test]
+    fn unusable_newest_is_renamed_broken_and_older_returned() {
+        type Damage = fn(&mut Vec<u8>);
+        let damage: [(&str, Damage); 4] = [
+            ("crc", |b| *b.last_mut().unwrap() ^= 1),
+            ("short", |b| b.truncate(3)),
+            ("garbage", |b| {
+                *b = vec![0xff; 9];
+                let crc = crc32c::crc32c(&b[4..]);
+                b[..4].copy_from_slice(&crc.to_le_bytes());
+            }),
+            ("wrong metadata", |b| {
+                let mut other = snap(9, 9).write_to_bytes().unwrap();
+                let mut out = crc32c::crc32c(&other).to_le_bytes().to_vec();
+                out.append(&mut other);
+                *b = out;
+            }),
+        ];
+        for (what, f) in damage {
+            let tmp = TempDir::new().unwrap();
+            let s = Snapshotter::new(tmp.path(), &logger()).unwrap();
+            s.save(&snap(1, 10)).unwrap();
+            s.save(&snap(2, 30)).unwrap();
+            let newest = tmp.path().join(file_name(2, 30));
+            let mut bytes = fs::read(&newest).unwrap();
+            f(&mut bytes);
+            fs::write(&newest, bytes).unwrap();
+
+            let got = s.load_newest_available(&[(1, 10), (2, 30)]).unwrap();
+            assert_eq!(got, Some(snap(1, 10)), "{what}");
+            assert_eq!(
+                files(tmp.path()),
+                [
+                    "0000000000000001-000000000000000a.snap",
+                    "0000000000000002-000000000000001e.snap.broken"
+                ],
+                "{what}"
+            );
+        }
+    }
+
+    #[test]
+    fn purge_keeps_the_newest_n() {
+        let tmp = TempDir::new().unwrap();
+        let s = Snapshotter::new(tmp.path(), &logger()).unwrap();
+        for i in 1..=5 {
+            s.save(&snap(1, i * 10)).unwrap();
+        }
+        fs::write(
+            tmp.path()
+                .join("0000000000000001-0000000000000063.snap.tmp"),
+            b"x",
+        )
+        .unwrap();
+        fs::write(tmp.path().join("other.txt"), b"x").unwrap();
+        assert_eq!(s.purge(2).unwrap(), 4);
+        assert_eq!(
+            files(tmp.path()),
+            [
+                "0000000000000001-0000000000000028.snap",
+                "0000000000000001-0000000000000032.snap",
+                "other.txt"
+            ]
+        );
+        assert_eq!(s.purge(2).unwrap(), 0);
+    }
+
+    #[test]
+    fn names_parse_strictly() {
+        assert_eq!(parse_name(&file_name(3, 0xab)), Some((3, 0xab)));
+        for bad in [
+            "0000000000000003-00000000000000AB.snap",
+            "3-ab.snap",
+            "0000000000000003-00000000000000ab.snap.broken",
+            "0000000000000003-00000000000000ab.snap.tmp",
+        ] {
+            assert_eq!(parse_name(bad), None, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,291 @@
+//! `RaftStorage`: the in-memory raft log that `RawNode` reads, a port of etcd's `MemoryStorage`.
+//!
+//! The raft task owns it (through `RawNode::mut_store`) and is its only writer: it appends what
+//! the WAL has made durable and installs or creates snapshots. raft-rs's own `MemStorage` cannot
+//! serve a snapshot that carries data and loses the term of the compaction point, which is why
+//! this exists. It reads and writes no channel.
+
+use raft::prelude::*;
+use raft::{GetEntriesContext, RaftState, Storage, StorageError};
+
+/// Entries since the last compaction plus the last snapshot (with its data).
+///
+/// `ents[0]` is a dummy entry whose index and term are those of the compaction point, so
+/// `term(first_index - 1)` always answers, as raft requires.
+pub struct RaftStorage {
+    hard_state: HardState,
+    /// The newest snapshot, data included, served to followers behind the compacted log.
+    snapshot: Snapshot,
+    conf_state: ConfState,
+    ents: Vec<Entry>,
+}
+
+impl Default for RaftStorage {
+    fn default() -> Self {
+        RaftStorage {
+            hard_state: HardState::default(),
+            snapshot: Snapshot::default(),
+            conf_state: ConfState::default(),
+            ents: vec![Entry::default()],
+        }
+    }
+}
+
+fn store_err(e: StorageError) -> raft::Error {
+    raft::Error::Store(e)
+}
+
+impl RaftStorage {
+    fn offset(&self) -> u64 {
+        self.ents[0].index
+    }
+
+    fn last(&self) -> u64 {
+        self.offset() + self.ents.len() as u64 - 1
+    }
+
+    pub fn hard_state(&self) -> &HardState {
+        &self.hard_state
+    }
+
+    pub fn set_hard_state(&mut self, hs: HardState) {
+        self.hard_state = hs;
+    }
+
+    /// Records a commit index learnt from a `LightReady`, which raft-rs never repeats in a `Ready.hs`.
+    pub fn set_commit(&mut self, commit: u64) {
+        self.hard_state.commit = commit;
+    }
+
+    pub fn conf_state(&self) -> &ConfState {
+        &self.conf_state
+    }
+
+    pub fn set_conf_state(&mut self, cs: ConfState) {
+        self.conf_state = cs;
+    }
+
+    /// The newest snapshot, as saved by `create_snapshot` or `apply_snapshot`.
+    pub fn last_snapshot(&self) -> &Snapshot {
+        &self.snapshot
+    }
+
+    /// Replaces the whole log with `snap` (a snapshot received from the leader or loaded at start).
+    pub fn apply_snapshot(&mut self, snap: Snapshot) -> raft::Result<()> {
+        let meta = snap.get_metadata();
+        if meta.index < self.snapshot.get_metadata().index {
+            return Err(store_err(StorageError::SnapshotOutOfDate));
+        }
+        self.ents = vec![Entry {
+            index: meta.index,
+            term: meta.term,
+            ..Default::default()
+        }];
+        if self.hard_state.commit < meta.index {
+            self.hard_state.commit = meta.index;
+        }
+        if self.hard_state.term < meta.term {
+            self.hard_state.term = meta.term;
+        }
+        self.conf_state = meta.get_conf_state().clone();
+        self.snapshot = snap;
+        Ok(())
+    }
+
+    /// Builds the snapshot at `index` (≤ last index) from the application's `data`; the caller
+    /// saves it to disk, then compacts.
+    pub fn create_snapshot(
+        &mut self,
+        index: u64,
+        cs: ConfState,
+        data: Vec<u8>,
+    ) -> raft::Result<&Snapshot> {
+        if index <= self.snapshot.get_metadata().index {
+            return Err(store_err(StorageError::SnapshotOutOfDate));
+        }
+        if index > self.last() {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        let term = self.ents[(index - self.offset()) as usize].term;
+        let mut snap = Snapshot {
+            data: data.into(),
+            ..Default::default()
+        };
+        let meta = snap.mut_metadata();
+        meta.index = index;
+        meta.term = term;
+        meta.set_conf_state(cs);
+        self.snapshot = snap;
+        Ok(&self.snapshot)
+    }
+
+    /// Drops entries before `compact_index`; it becomes the new dummy entry.
+    pub fn compact(&mut self, compact_index: u64) -> raft::Result<()> {
+        let offset = self.offset();
+        if compact_index <= offset {
+            // Already compacted: a snapshot count below the catch-up count asks for this often.
+            return Ok(());
+        }
+        if compact_index > self.last() {
+            return Err(store_err(StorageError::Unavailable));
+        }
+        let i = (compact_index - offset) as usize;
+        self.ents.drain(..i);
+        let dummy = &mut self.ents[0];
+        dummy.data = Default::default();
+        dummy.context = Default::default();
+        dummy.set_entry_type(EntryType::EntryNormal);
+        Ok(())
+    }
+
+    /// Appends entries that the WAL already holds, truncating any conflicting suffix.
+    pub fn append(&mut self, entries: &[Entry]) -> raft::Result<()> {
+        let Some(first_new) = entries.first() else {
+            return Ok(());
+        };
+        let first = self.offset() + 1;
+        let last_new = first_new.index + entries.len() as u64 - 1;
+        if last_new < first {
+            // Everything is already compacted away.
+            return Ok(());
+        }
+        // Skip the part of `entries` that is already compacted.
+        let skip = first.saturating_sub(first_new.index) as usize;
+        let entries = &entries[skip..];
+        let start = entries[0].index;
+        if start > self.last() + 1 {
+            return Err(store_err(StorageError::Unavailable));
+        }
+        self.ents.truncate((start - self.offset()) as usize);
+        self.ents.extend_from_slice(entries);
+        Ok(())
+    }
+}
+
+impl Storage for RaftStorage {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        Ok(RaftState {
+            hard_state: self.hard_state.clone(),
+            conf_state: self.conf_state.clone(),
+        })
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        let offset = self.offset();
+        if low <= offset {
+            return Err(store_err(StorageError::Compacted));
+        }
+        if high > self.last() + 1 {
+            return Err(store_err(StorageError::Unavailable));
+        }
+        let mut ents = self.ents[(low - offset) as usize..(high - offset) as usize].to_vec();
+        raft::util::limit_size(&mut ents, max_size.into());
+        Ok(ents)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        let offset = self.offset();
+        if idx < offset {
+            return Err(store_err(StorageError::Compacted));
+        }
+        if idx > self.last() {
+            return Err(store_err(StorageError::Unavailable));
+        }
+        Ok(self.ents[(idx - offset) as usize].term)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.offset() + 1)
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.last())
+    }
+
+    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        if self.snapshot.get_metadata().index == 0 {
+            // Nothing taken yet; raft retries later. Only reachable if entries were compacted
+            // without a snapshot, which this crate never does.
+            return Err(store_err(StorageError::SnapshotTemporarilyUnavailable));
+        }
+        Ok(self.snapshot.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ent(index: u64, term: u64) -> Entry {
+        Entry {
+            index,
+            term,
+            ..Default::default()
+        }
+    }
+
+    fn storage_with(n: u64) -> RaftStorage {
+        let mut s = RaftStorage::default();
+        s.append(&(1..=n).map(|i| ent(i, 1)).collect::<Vec<_>>())
+            .expect("append to empty storage");
+        s
+    }
+
+    #[test]
+    fn append_truncates_conflicting_suffix() {
+        let mut s = storage_with(5);
+        s.append(&[ent(3, 2), ent(4, 2)]).unwrap();
+        assert_eq!(s.last_index().unwrap(), 4);
+        assert_eq!(s.term(3).unwrap(), 2);
+        assert_eq!(s.term(2).unwrap(), 1);
+    }
+
+    #[test]
+    fn snapshot_compact_keeps_term_of_compaction_point() {
+        let mut s = storage_with(10);
+        let snap = s
+            .create_snapshot(8, ConfState::default(), b"\xff\x00data".to_vec())
+            .unwrap()
+            .clone();
+        assert_eq!(snap.get_metadata().index, 8);
+        s.compact(6).unwrap();
+        assert_eq!(s.first_index().unwrap(), 7);
+        assert_eq!(s.term(6).unwrap(), 1);
+        assert!(matches!(
+            s.entries(5, 8, None, GetEntriesContext::empty(false)),
+            Err(raft::Error::Store(StorageError::Compacted))
+        ));
+        assert_eq!(
+            s.entries(7, 11, None, GetEntriesContext::empty(false))
+                .unwrap()
+                .len(),
+            4
+        );
+        let served = s.snapshot(0, 2).unwrap();
+        assert_eq!(&served.data[..], b"\xff\x00data");
+    }
+
+    #[test]
+    fn apply_snapshot_replaces_log() {
+        let mut s = storage_with(3);
+        let mut snap = Snapshot::default();
+        snap.mut_metadata().index = 20;
+        snap.mut_metadata().term = 4;
+        snap.mut_metadata().mut_conf_state().voters = vec![1, 2, 3];
+        s.apply_snapshot(snap).unwrap();
+        assert_eq!(s.first_index().unwrap(), 21);
+        assert_eq!(s.last_index().unwrap(), 20);
+        assert_eq!(s.term(20).unwrap(), 4);
+        assert_eq!(s.hard_state().commit, 20);
+        assert_eq!(s.conf_state().voters, vec![1, 2, 3]);
+        // Entries from the leader continue right after the snapshot.
+        s.append(&[ent(21, 4)]).unwrap();
+        assert_eq!(s.last_index().unwrap(), 21);
+    }
+}

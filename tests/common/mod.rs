@@ -1,0 +1,670 @@
+//! Harness for multi-process tests: it runs the real `raftexample` binary, one OS process per
+//! node, on ephemeral 127.0.0.1 ports, each node with its own `TempDir` as `--data-dir`.
+//!
+//! Typical use:
+//! ```ignore
+//! let mut cluster = Cluster::start(3);                 // spawns 3 processes
+//! let leader = cluster.wait_leader().await;            // polls GET /status on every node
+//! assert_eq!(put(cluster.node(1).client_port, "k", "v").await, StatusCode::NO_CONTENT);
+//! wait_until(TIMEOUT, "node 2 serves k=v", || async {
+//!     try_get(port2, "k").await.is_some_and(|(s, b)| s == StatusCode::OK && b == "v")
+//! })
+//! .await;
+//! cluster.node_mut(2).kill9();                         // SIGKILL, same data dir kept
+//! cluster.node_mut(2).start(&[]);                      // restart from WAL and snapshot
+//! ```
+//!
+//! Rules (style.md §7.9): no fixed sleeps, every wait is `wait_until` with a deadline; every
+//! child is killed when its `Node` drops; when a test panics, each node's captured stderr
+//! (the daemon's slog output) is printed so the failure can be read from `cargo test` output.
+//!
+//! Set `RAFTEXAMPLE_TEST_KEEP=1` to keep the nodes' data directories after the test (their paths
+//! are printed).
+
+// Each test crate (`tests/*.rs`) compiles this module separately and uses only part of it.
+#![allow(dead_code)]
+
+use std::collections::hash_map::RandomState;
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::future::Future;
+use std::hash::{BuildHasher, Hasher};
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+pub use reqwest::StatusCode;
+use tempfile::TempDir;
+
+/// Path of the daemon binary that Cargo built for this test run.
+pub const BIN: &str = env!("CARGO_BIN_EXE_raftexample");
+
+/// Default deadline for a condition to become true (replication, restart, catch-up).
+pub const TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Interval between two polls in [`wait_until`].
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Per-request timeout of the HTTP helpers. Longer than the daemon's default
+/// `--request-timeout-ms` (5 s), so a daemon-side timeout shows up as its 503, not as ours.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Name of the file, inside a node's data dir, that receives the node's stdout and stderr.
+const LOG_FILE: &str = "node.log";
+
+/// Ports handed out by [`free_port`] in this test process, so that two nodes never get the same
+/// one, and the next candidate to try.
+static PORTS: Mutex<Option<PortPicker>> = Mutex::new(None);
+
+/// Lowest port [`free_port`] hands out.
+const MIN_PORT: u16 = 15000;
+
+struct PortPicker {
+    handed_out: HashSet<u16>,
+    /// `[MIN_PORT, end)`: the ports below the kernel's ephemeral range, or empty if that range
+    /// starts too low to leave room (then the kernel chooses, with `127.0.0.1:0`).
+    end: u16,
+    next: u16,
+}
+
+impl PortPicker {
+    fn new() -> PortPicker {
+        let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+            .unwrap_or(32768);
+        let end = ephemeral_start.max(MIN_PORT);
+        // A random start, so that test processes running at the same time (two `cargo test`s)
+        // try different ports.
+        let random = RandomState::new().build_hasher().finish();
+        let span = u64::from(end - MIN_PORT).max(1);
+        PortPicker {
+            handed_out: HashSet::new(),
+            end,
+            next: MIN_PORT + (random % span) as u16,
+        }
+    }
+
+    /// The next candidate port, or 0 (kernel's choice) if there is no range of our own.
+    fn candidate(&mut self) -> u16 {
+        if self.end - MIN_PORT < 1000 {
+            return 0;
+        }
+        let port = self.next;
+        self.next = if port + 1 >= self.end {
+            MIN_PORT
+        } else {
+            port + 1
+        };
+        port
+    }
+}
+
+/// Returns a TCP port that was free on 127.0.0.1 a moment ago.
+///
+/// The port must be passed to a *different process* on its command line, so this binds it,
+/// reads it and drops the listener; there is a tiny race: another process may take the port
+/// between this drop and the daemon's bind, and then the daemon exits with "address in use" and
+/// the test fails with that node's log. To make that unlikely, ports come from below the kernel's
+/// ephemeral range (which `127.0.0.1:0` and every outgoing connection draw from, the daemons' own
+/// connections to their peers included), starting at a random point. Ports are never handed out
+/// twice within one test process.
+pub fn free_port() -> u16 {
+    let mut picker = PORTS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let picker = picker.get_or_insert_with(PortPicker::new);
+    for _ in 0..10_000 {
+        let candidate = picker.candidate();
+        let Ok(listener) = TcpListener::bind(("127.0.0.1", candidate)) else {
+            continue; // in use: try the next one
+        };
+        let port = listener
+            .local_addr()
+            .expect("local_addr of a bound listener")
+            .port();
+        if picker.handed_out.insert(port) {
+            return port;
+        }
+    }
+    panic!("found no free TCP port on 127.0.0.1 after 10000 attempts");
+}
+
+/// One daemon process (or a slot for one) with its identity, ports and data directory.
+pub struct Node {
+    /// Raft node id: the 1-based position of `peer_url` in `cluster`.
+    pub id: u64,
+    /// This node's peer URL, e.g. `http://127.0.0.1:40123`; also serves `GET /status`.
+    pub peer_url: String,
+    /// Port of the client KV API (`--port`).
+    pub client_port: u16,
+    /// The node's `--data-dir`; it survives restarts and is removed when the `Node` drops.
+    pub dir: TempDir,
+    /// The `--cluster` value this node starts with.
+    pub cluster: String,
+    /// Arguments added to every start of this node (e.g. small snapshot settings).
+    pub base_args: Vec<String>,
+    /// The running process, if any.
+    pub child: Option<Child>,
+}
+
+impl Node {
+    /// Creates a node slot (no process yet) with a fresh data dir.
+    fn new(
+        id: u64,
+        peer_url: String,
+        client_port: u16,
+        cluster: String,
+        base_args: Vec<String>,
+    ) -> Node {
+        let keep =
+            std::env::var_os("RAFTEXAMPLE_TEST_KEEP").is_some_and(|v| !v.is_empty() && v != "0");
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("raftexample-test-node{id}-"))
+            .disable_cleanup(keep)
+            .tempdir()
+            .expect("create a temporary data dir for a test node");
+        if keep {
+            eprintln!("node {id}: keeping data dir {}", dir.path().display());
+        }
+        Node {
+            id,
+            peer_url,
+            client_port,
+            dir,
+            cluster,
+            base_args,
+            child: None,
+        }
+    }
+
+    /// Path of the file holding everything this node printed (all its starts, appended).
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join(LOG_FILE)
+    }
+
+    /// Contents of [`Node::log_path`], or a note saying why it could not be read.
+    pub fn log(&self) -> String {
+        match std::fs::read(self.log_path()) {
+            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            Err(e) => format!("<cannot read {}: {e}>", self.log_path().display()),
+        }
+    }
+
+    /// True while a process started by this harness has not been seen to exit.
+    pub fn is_started(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Starts the daemon: `--id --cluster --port --data-dir`, then `base_args`, then `extra_args`.
+    ///
+    /// # Panics
+    /// If the node is already running or the binary cannot be spawned.
+    pub fn start(&mut self, extra_args: &[&str]) {
+        assert!(self.child.is_none(), "node {} is already running", self.id);
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("open the node's log file in its data dir");
+        let log_for_stdout = log
+            .try_clone()
+            .expect("clone the log file handle for stdout");
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--id")
+            .arg(self.id.to_string())
+            .arg("--cluster")
+            .arg(&self.cluster)
+            .arg("--port")
+            .arg(self.client_port.to_string())
+            .arg("--data-dir")
+            .arg(self.dir.path())
+            .args(&self.base_args)
+            .args(extra_args)
+            .env("RUST_BACKTRACE", "1")
+            .stdin(Stdio::null())
+            .stdout(log_for_stdout)
+            .stderr(log);
+        kill_when_parent_dies(&mut cmd);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {BIN} for node {}: {e}", self.id));
+        self.child = Some(child);
+    }
+
+    /// Starts the daemon with `--join`, for a node added with [`post_member`].
+    pub fn start_join(&mut self) {
+        self.start(&["--join"]);
+    }
+
+    /// Kills the process with SIGKILL (a crash: no WAL close, no goodbye) and reaps it.
+    /// The data dir is kept, so [`Node::start`] restarts the node from its WAL and snapshot.
+    ///
+    /// # Panics
+    /// If the node is not running.
+    pub fn kill9(&mut self) {
+        let mut child = self
+            .child
+            .take()
+            .unwrap_or_else(|| panic!("kill9: node {} is not running", self.id));
+        // Child::kill sends SIGKILL on Unix. It fails only if the child was already reaped.
+        child.kill().expect("send SIGKILL to the node process");
+        child.wait().expect("reap the killed node process");
+    }
+
+    /// Sends SIGTERM (graceful shutdown); use [`Node::wait_exit`] to collect the exit status.
+    ///
+    /// # Panics
+    /// If the node is not running.
+    pub fn sigterm(&self) {
+        let child = self
+            .child
+            .as_ref()
+            .unwrap_or_else(|| panic!("sigterm: node {} is not running", self.id));
+        let pid = libc::pid_t::try_from(child.id()).expect("a pid fits in pid_t");
+        // SAFETY: kill(2) has no memory-safety preconditions; the pid is our unreaped child.
+        let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+        assert_eq!(
+            rc,
+            0,
+            "kill(SIGTERM) node {}: {}",
+            self.id,
+            std::io::Error::last_os_error()
+        );
+    }
+
+    /// Polls the process every 50 ms until it exits or `timeout` passes.
+    /// Returns its exit status (and forgets the process), or `None` if it is still running.
+    ///
+    /// # Panics
+    /// If the node is not running.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let id = self.id;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self
+                .child
+                .as_mut()
+                .unwrap_or_else(|| panic!("wait_exit: node {id} is not running"));
+            if let Some(status) = child.try_wait().expect("try_wait on the node process") {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // Ignore errors: the process may have exited on its own already.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "\n===== node {} ({}, client port {}) log: {} =====\n{}===== end of node {} log =====",
+                self.id,
+                self.peer_url,
+                self.client_port,
+                self.log_path().display(),
+                self.log(),
+                self.id,
+            );
+        }
+    }
+}
+
+/// Asks the kernel to SIGKILL the child if the test process dies (e.g. it is SIGKILLed itself),
+/// so that no daemon outlives an aborted test run and keeps its ports.
+///
+/// Linux only (`PR_SET_PDEATHSIG`). The signal fires when the *thread* that spawned the child exits;
+/// the nodes are spawned from the test's body, whose thread lives until the test ends, and the
+/// `Drop` of [`Node`] has killed them by then anyway.
+fn kill_when_parent_dies(cmd: &mut Command) {
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl(2), which is
+    // async-signal-safe; it touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Runs the binary once with `args` (and `--data-dir` set to a fresh temp dir unless `args` has
+/// one), stdin closed, until it exits or `timeout` passes (then it is killed).
+/// Returns the exit status (`None` on timeout) and everything it wrote to stderr.
+pub async fn run_to_exit(args: &[&str], timeout: Duration) -> (Option<ExitStatus>, String) {
+    let dir = tempfile::Builder::new()
+        .prefix("raftexample-test-cli-")
+        .tempdir()
+        .expect("create a temporary dir for a one-shot run");
+    let stderr_path = dir.path().join("stderr.log");
+    let stderr = File::create(&stderr_path).expect("create the stderr capture file");
+    let mut cmd = Command::new(BIN);
+    cmd.args(args);
+    if !args.contains(&"--data-dir") {
+        cmd.arg("--data-dir").arg(dir.path());
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr);
+    kill_when_parent_dies(&mut cmd);
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {BIN} {args:?}: {e}"));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait on a one-shot run") {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    };
+    let stderr = match std::fs::read(&stderr_path) {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        Err(e) => format!("<cannot read {}: {e}>", stderr_path.display()),
+    };
+    (status, stderr)
+}
+
+/// A set of nodes sharing one `--cluster` list; node `i` (1-based) is `nodes[i - 1]`.
+pub struct Cluster {
+    pub nodes: Vec<Node>,
+    /// Arguments given to every node, including nodes added later with [`Cluster::add_node`].
+    pub base_args: Vec<String>,
+}
+
+impl Cluster {
+    /// Starts `n` nodes with default settings. See [`Cluster::start_with`].
+    pub fn start(n: usize) -> Cluster {
+        Cluster::start_with(n, &[])
+    }
+
+    /// Starts `n` nodes on fresh ports and data dirs; `args` go to every node (e.g.
+    /// `&["--snapshot-count", "4", "--snapshot-catchup-entries", "2"]`).
+    pub fn start_with(n: usize, args: &[&str]) -> Cluster {
+        let mut cluster = Cluster::new(n, args);
+        for node in &mut cluster.nodes {
+            node.start(&[]);
+        }
+        cluster
+    }
+
+    /// Like [`Cluster::start_with`] but starts no process: call `node_mut(id).start(..)` yourself.
+    pub fn new(n: usize, args: &[&str]) -> Cluster {
+        assert!(n >= 1, "a cluster needs at least one node");
+        let peer_urls: Vec<String> = (0..n)
+            .map(|_| format!("http://127.0.0.1:{}", free_port()))
+            .collect();
+        let cluster_arg = peer_urls.join(",");
+        let base_args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let nodes = peer_urls
+            .into_iter()
+            .enumerate()
+            .map(|(i, url)| {
+                Node::new(
+                    i as u64 + 1,
+                    url,
+                    free_port(),
+                    cluster_arg.clone(),
+                    base_args.clone(),
+                )
+            })
+            .collect();
+        Cluster { nodes, base_args }
+    }
+
+    /// Adds a node slot with id `len + 1` and a fresh peer URL, client port and data dir, and
+    /// returns its id. Its `--cluster` lists every existing node's URL followed by its own.
+    /// Nothing is started: `post_member(.., id, &peer_url)` then `node_mut(id).start_join()`.
+    pub fn add_node(&mut self) -> u64 {
+        let id = self.nodes.len() as u64 + 1;
+        let peer_url = format!("http://127.0.0.1:{}", free_port());
+        let mut urls: Vec<&str> = self.nodes.iter().map(|n| n.peer_url.as_str()).collect();
+        urls.push(&peer_url);
+        let cluster_arg = urls.join(",");
+        let node = Node::new(
+            id,
+            peer_url,
+            free_port(),
+            cluster_arg,
+            self.base_args.clone(),
+        );
+        self.nodes.push(node);
+        id
+    }
+
+    /// The node with raft id `id`.
+    pub fn node(&self, id: u64) -> &Node {
+        let index = usize::try_from(id).expect("node id fits in usize");
+        assert!(
+            index >= 1 && index <= self.nodes.len(),
+            "no node with id {id}"
+        );
+        &self.nodes[index - 1]
+    }
+
+    /// The node with raft id `id`, mutably (to start, kill or wait for it).
+    pub fn node_mut(&mut self, id: u64) -> &mut Node {
+        let index = usize::try_from(id).expect("node id fits in usize");
+        assert!(
+            index >= 1 && index <= self.nodes.len(),
+            "no node with id {id}"
+        );
+        &mut self.nodes[index - 1]
+    }
+
+    /// Waits until every started node reports, on `GET /status`, the same non-zero leader, and
+    /// that leader is a started node that reports `"role":"leader"`. Returns the leader's id.
+    ///
+    /// # Panics
+    /// After [`TIMEOUT`], with the last statuses seen.
+    pub async fn wait_leader(&self) -> u64 {
+        let started: Vec<&Node> = self.nodes.iter().filter(|n| n.is_started()).collect();
+        assert!(!started.is_empty(), "wait_leader: no node is running");
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let mut statuses = Vec::new();
+            for node in &started {
+                statuses.push((node.id, status(&node.peer_url).await));
+            }
+            if let Some(leader) = agreed_leader(&statuses) {
+                return leader;
+            }
+            if Instant::now() >= deadline {
+                let seen: Vec<String> = statuses
+                    .iter()
+                    .map(|(id, s)| match s {
+                        Some(v) => format!("node {id}: {v}"),
+                        None => format!("node {id}: unreachable"),
+                    })
+                    .collect();
+                panic!(
+                    "no agreed leader among nodes {:?} after {TIMEOUT:?}; last statuses:\n{}",
+                    started.iter().map(|n| n.id).collect::<Vec<_>>(),
+                    seen.join("\n")
+                );
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+}
+
+/// The leader id all `statuses` agree on, if they all answered, agree, and the leader is among
+/// them and calls itself leader.
+fn agreed_leader(statuses: &[(u64, Option<serde_json::Value>)]) -> Option<u64> {
+    let mut leader = None;
+    for (_, status) in statuses {
+        let l = status.as_ref()?.get("leader")?.as_u64()?;
+        if l == 0 || leader.is_some_and(|prev| prev != l) {
+            return None;
+        }
+        leader = Some(l);
+    }
+    let leader = leader?;
+    let (_, leader_status) = statuses.iter().find(|(id, _)| *id == leader)?;
+    let role = leader_status.as_ref()?.get("role")?.as_str()?;
+    (role == "leader").then_some(leader)
+}
+
+/// Polls `condition` every 50 ms until it returns true.
+///
+/// # Panics
+/// If it is still false after `timeout`, with a message naming `what` was awaited.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    if !poll_until(timeout, condition).await {
+        panic!("timed out after {timeout:?} waiting until {what}");
+    }
+}
+
+/// Polls `condition` every 50 ms until it returns true (→ `true`) or `timeout` passes (→ `false`).
+pub async fn poll_until<F, Fut>(timeout: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+/// A client for one request. Each `#[tokio::test]` has its own runtime and a reqwest client's
+/// connection pool is tied to the runtime that made it, so clients are not shared between tests.
+/// Proxies from the environment are ignored: every URL here is on 127.0.0.1.
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(HTTP_TIMEOUT)
+        .build()
+        .expect("build a reqwest client")
+}
+
+/// URL of `key` on the client API; `key` may be given with or without its leading `/`.
+/// The daemon stores the path *with* the slash, as the original did.
+fn key_url(port: u16, key: &str) -> String {
+    format!("http://127.0.0.1:{port}/{}", key.trim_start_matches('/'))
+}
+
+/// `PUT /<key>` with `value` as body; returns the status (204 once committed and applied).
+///
+/// # Panics
+/// If the node cannot be reached.
+pub async fn put(port: u16, key: &str, value: impl Into<Vec<u8>>) -> StatusCode {
+    let url = key_url(port, key);
+    let response = client()
+        .put(&url)
+        .body(value.into())
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("PUT {url}: {e}"));
+    response.status()
+}
+
+/// `GET /<key>`; returns the status and body.
+///
+/// # Panics
+/// If the node cannot be reached. Use [`try_get`] while a node may be down or starting.
+pub async fn get(port: u16, key: &str) -> (StatusCode, Bytes) {
+    let url = key_url(port, key);
+    try_get(port, key)
+        .await
+        .unwrap_or_else(|| panic!("GET {url}: node unreachable"))
+}
+
+/// `GET /<key>`; `None` if the node cannot be reached (not listening yet, killed, ...).
+pub async fn try_get(port: u16, key: &str) -> Option<(StatusCode, Bytes)> {
+    let response = client().get(key_url(port, key)).send().await.ok()?;
+    let status = response.status();
+    let body = response.bytes().await.ok()?;
+    Some((status, body))
+}
+
+/// True if `GET /<key>` on `port` answers 200 with exactly `value`.
+pub async fn serves(port: u16, key: &str, value: &str) -> bool {
+    try_get(port, key)
+        .await
+        .is_some_and(|(status, body)| status == StatusCode::OK && body == value.as_bytes())
+}
+
+/// `POST /<id>` with `peer_url` as body: adds member `id` (204 once the change is applied).
+///
+/// # Panics
+/// If the node cannot be reached.
+pub async fn post_member(port: u16, id: u64, peer_url: &str) -> StatusCode {
+    let url = format!("http://127.0.0.1:{port}/{id}");
+    client()
+        .post(&url)
+        .body(peer_url.to_string())
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("POST {url}: {e}"))
+        .status()
+}
+
+/// `DELETE /<id>`: removes member `id` (204 once the change is applied).
+///
+/// # Panics
+/// If the node cannot be reached.
+pub async fn delete_member(port: u16, id: u64) -> StatusCode {
+    let url = format!("http://127.0.0.1:{port}/{id}");
+    client()
+        .delete(&url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("DELETE {url}: {e}"))
+        .status()
+}
+
+/// `GET <peer_url>/status` parsed as JSON, e.g. `{"id":1,"role":"leader","leader":1,"term":2,
+/// "commit":10,"applied":10,"members":{"1":"http://127.0.0.1:12379"}}`.
+/// `None` if the node cannot be reached or does not answer 200 with JSON.
+pub async fn status(peer_url: &str) -> Option<serde_json::Value> {
+    let response = client()
+        .get(format!("{peer_url}/status"))
+        .send()
+        .await
+        .ok()?;
+    if response.status() != StatusCode::OK {
+        return None;
+    }
+    let body = response.bytes().await.ok()?;
+    serde_json::from_slice(&body).ok()
+}
+
+/// Ids listed in a status's `members` object, sorted.
+pub fn member_ids(status: &serde_json::Value) -> Vec<u64> {
+    let mut ids: Vec<u64> = status
+        .get("members")
+        .and_then(|m| m.as_object())
+        .map(|m| m.keys().filter_map(|k| k.parse().ok()).collect())
+        .unwrap_or_default();
+    ids.sort_unstable();
+    ids
+}

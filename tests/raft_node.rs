@@ -1,0 +1,296 @@
+//! raftexample's raft_test.go and kvstore tests, ported: nodes are driven through their channels
+//! (proposals in, committed batches out) in this process, on loopback ports.
+
+mod support;
+
+use std::time::Duration;
+
+use raft::prelude::{ConfChange, ConfChangeType};
+use raftexample::raft_node::ConfChangeRequest;
+use raftexample::Exit;
+use support::*;
+use tokio::sync::oneshot;
+
+const T: Duration = Duration::from_secs(20);
+
+async fn raw_cluster(
+    n: usize,
+    extra: &[&str],
+) -> (Vec<RawTestNode>, Vec<tempfile::TempDir>, String) {
+    let (ls, cluster) = peer_listeners(n).await;
+    let dirs: Vec<_> = (0..n)
+        .map(|_| tempfile::tempdir().expect("temp dir"))
+        .collect();
+    let nodes = ls
+        .into_iter()
+        .enumerate()
+        .map(|(i, l)| RawTestNode::start(config(i as u64 + 1, &cluster, dirs[i].path(), extra), l))
+        .collect();
+    (nodes, dirs, cluster)
+}
+
+/// Every node of a 3-node cluster feeds each committed entry back as a new proposal until it has
+/// seen 100 committed batches: proposals are accepted from every node (followers forward them)
+/// and keep committing while the commit channel is busy.
+#[tokio::test(flavor = "multi_thread")]
+async fn propose_on_commit() {
+    let (nodes, _dirs, _) = raw_cluster(3, &[]).await;
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel(3);
+    let mut stops = Vec::new();
+    for mut node in nodes {
+        stops.push(node.stop.clone());
+        let done_tx = done_tx.clone();
+        tokio::spawn(async move {
+            // Keep proposing "foo" until a leader exists and raft takes it.
+            assert!(
+                wait_until(T, || async { node.propose(b"foo").await }).await,
+                "no leader to take the first proposal"
+            );
+            let mut batches = 0;
+            while let Some(apply) = node.handle.commit_rx.recv().await {
+                let raftexample::kvstore::Apply::Entries { data, applied, .. } = apply else {
+                    continue;
+                };
+                if batches < 100 && !data.is_empty() {
+                    batches += 1;
+                    // Feed the data back without waiting for raft's answer: raft may be busy
+                    // handing us the next batch. Raft may drop some during an election; the
+                    // loop only needs commits to keep flowing.
+                    let tx = node.propose_tx.clone().expect("proposer open");
+                    tokio::spawn(async move {
+                        for d in data {
+                            let (done, _) = oneshot::channel();
+                            let _ = tx
+                                .send(raftexample::kvstore::Proposal {
+                                    data: d.to_vec(),
+                                    done,
+                                })
+                                .await;
+                        }
+                    });
+                    if batches == 100 {
+                        let _ = done_tx.send(()).await;
+                    }
+                }
+                // Like raftexample's test, keep draining after 100 so that this node's raft
+                // loop never blocks the others.
+                let _ = applied.send(());
+            }
+        });
+    }
+    for _ in 0..3 {
+        tokio::time::timeout(Duration::from_secs(60), done_rx.recv())
+            .await
+            .expect("every node sees 100 committed batches within 60 s")
+            .expect("node task alive");
+    }
+    for s in stops {
+        s.cancel();
+    }
+}
+
+/// Closing the proposal channel right after start (before any replay finished) stops the node
+/// cleanly: the error channel yields no error.
+#[tokio::test(flavor = "multi_thread")]
+async fn close_proposer_before_replay() {
+    let (mut nodes, _dirs, _) = raw_cluster(1, &[]).await;
+    let mut node = nodes.remove(0);
+    node.propose_tx = None;
+    let res = tokio::time::timeout(T, &mut node.handle.error_rx)
+        .await
+        .expect("stops within 20 s")
+        .expect("raft thread reports");
+    assert_eq!(res.expect("no error"), Exit::Shutdown);
+}
+
+/// Closing the proposal channel while proposals are in flight: both commit, in order, then
+/// the node stops cleanly.
+#[tokio::test(flavor = "multi_thread")]
+async fn close_proposer_inflight() {
+    let (mut nodes, _dirs, _) = raw_cluster(1, &[]).await;
+    let mut node = nodes.remove(0);
+    assert!(wait_until(T, || async { node.propose(b"foo").await }).await);
+    assert!(node.propose(b"bar").await);
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let (_, data, applied) = tokio::time::timeout(T, node.next_entries())
+            .await
+            .expect("commit");
+        seen.extend(data);
+        let _ = applied.send(());
+    }
+    assert_eq!(seen, vec![b"foo".to_vec(), b"bar".to_vec()]);
+    node.propose_tx = None;
+    let res = tokio::time::timeout(T, &mut node.handle.error_rx)
+        .await
+        .expect("stops within 20 s")
+        .expect("raft thread reports");
+    assert_eq!(res.expect("no error"), Exit::Shutdown);
+}
+
+/// A PUT on the client API of a single node is readable with a GET (the whole process in one).
+#[tokio::test(flavor = "multi_thread")]
+async fn put_and_get_key_value() {
+    let (mut ls, cluster) = peer_listeners(1).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let node = KvTestNode::start(config(1, &cluster, dir.path(), &[]), ls.remove(0)).await;
+    let c = http();
+    assert!(
+        wait_until(T, || async {
+            put(&c, &node.client, "/test-key", b"test-value").await == 204
+        })
+        .await
+    );
+    assert_eq!(
+        get(&c, &format!("{}/test-key", node.client)).await,
+        (200, b"test-value".to_vec())
+    );
+    node.shutdown().await;
+}
+
+/// A 4th node added with an AddNode conf change and started with `join` learns the cluster
+/// from the log and its proposal commits on node 1.
+#[tokio::test(flavor = "multi_thread")]
+async fn add_new_node() {
+    let (ls, cluster) = peer_listeners(4).await;
+    let mut ls = ls.into_iter();
+    let urls: Vec<&str> = cluster.split(',').collect();
+    let three = urls[..3].join(",");
+    let dirs: Vec<_> = (0..4)
+        .map(|_| tempfile::tempdir().expect("temp dir"))
+        .collect();
+    let mut nodes: Vec<RawTestNode> = (0..3)
+        .map(|i| {
+            RawTestNode::start(
+                config(i as u64 + 1, &three, dirs[i].path(), &[]),
+                ls.next().expect("listener"),
+            )
+        })
+        .collect();
+    // Drain nodes 2 and 3 so their raft loops never block on the commit channel.
+    for mut n in nodes.drain(1..) {
+        tokio::spawn(async move {
+            while let Some(a) = n.handle.commit_rx.recv().await {
+                if let raftexample::kvstore::Apply::Entries { applied, .. } = a {
+                    let _ = applied.send(());
+                }
+            }
+            drop(n);
+        });
+    }
+    let mut n1 = nodes.remove(0);
+
+    let mut cc = ConfChange::default();
+    cc.set_change_type(ConfChangeType::AddNode);
+    cc.node_id = 4;
+    cc.id = 42;
+    cc.context = urls[3].as_bytes().to_vec().into();
+    let cc_tx = n1.conf_change_tx.clone();
+    let added = wait_until(T, || {
+        let cc = cc.clone();
+        let tx = cc_tx.clone();
+        async move {
+            let (done, rx) = oneshot::channel();
+            tx.send(ConfChangeRequest { cc, done })
+                .await
+                .expect("raft running");
+            matches!(rx.await, Ok(Ok(())))
+        }
+    });
+    // Node 1 must keep consuming its commits while the change is applied.
+    let drain = async {
+        loop {
+            let (_, _, applied) = n1.next_entries().await;
+            let _ = applied.send(());
+        }
+    };
+    let added = tokio::select! { a = added => a, _ = drain => unreachable!() };
+    assert!(added, "AddNode 4 not applied");
+
+    let n4 = RawTestNode::start(
+        config(4, &cluster, dirs[3].path(), &["--join"]),
+        ls.next().expect("listener"),
+    );
+    assert!(
+        wait_until(T, || async { n4.propose(b"foo").await }).await,
+        "node 4 never found the leader"
+    );
+    let found = tokio::time::timeout(T, async {
+        loop {
+            let (_, data, applied) = n1.next_entries().await;
+            let _ = applied.send(());
+            if data.iter().any(|d| d == b"foo") {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(found.is_ok(), "node 4's proposal never committed on node 1");
+    n4.stop.cancel();
+    n1.stop.cancel();
+}
+
+/// A snapshot waits for the application's apply signal: raft must not capture the state before
+/// the batch that crosses the snapshot threshold is applied.
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshot() {
+    let (mut nodes, _dirs, _) = raw_cluster(
+        3,
+        &["--snapshot-count", "4", "--snapshot-catchup-entries", "4"],
+    )
+    .await;
+    for mut n in nodes.drain(1..) {
+        tokio::spawn(async move {
+            while let Some(a) = n.handle.commit_rx.recv().await {
+                if let raftexample::kvstore::Apply::Entries { applied, .. } = a {
+                    let _ = applied.send(());
+                }
+            }
+            drop(n);
+        });
+    }
+    let mut n1 = nodes.remove(0);
+    let proposer = n1.propose_tx.clone().expect("open");
+    // Propose until accepted (a leader is needed), concurrently with consuming commits.
+    tokio::spawn(async move {
+        loop {
+            let (done, rx) = oneshot::channel();
+            if proposer
+                .send(raftexample::kvstore::Proposal {
+                    data: b"foo".to_vec(),
+                    done,
+                })
+                .await
+                .is_err()
+                || matches!(rx.await, Ok(Ok(())))
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    // Bootstrap applied 3 entries; the first batch past index 3 + 4 = ... crosses the
+    // threshold of 4 entries since the (empty) last snapshot at index 0.
+    let (index, applied) = tokio::time::timeout(T, async {
+        loop {
+            let (index, _, applied) = n1.next_entries().await;
+            if index > 4 {
+                return (index, applied);
+            }
+            let _ = applied.send(());
+        }
+    })
+    .await
+    .expect("a batch past index 4");
+    assert!(
+        n1.snap_files().is_empty(),
+        "snapshot taken before batch {index} was applied: {:?}",
+        n1.snap_files()
+    );
+    applied.send(()).expect("raft waits for the signal");
+    assert!(
+        wait_until(T, || async { !n1.snap_files().is_empty() }).await,
+        "no snapshot after the apply signal"
+    );
+    n1.stop.cancel();
+}
