@@ -65,6 +65,28 @@ pub struct Config {
     /// Snapshot files to keep; older ones are deleted after each new snapshot.
     #[arg(long, default_value_t = 5)]
     pub max_snapshots: usize,
+
+    /// Test hook: the WAL fails every write after this many bytes, as a full disk would.
+    #[arg(long, hide = true)]
+    pub wal_fail_after_bytes: Option<u64>,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Operator tools; without one, the daemon runs.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Print, read-only, the snapshot markers, HardState and entries a node would recover, one
+    /// per line with file and offset; exit non-zero naming the offset of any corruption.
+    WalDump {
+        /// The node's --data-dir.
+        #[arg(long, default_value = ".")]
+        data_dir: PathBuf,
+        /// The node's --id.
+        #[arg(long, default_value_t = 1)]
+        id: u64,
+    },
 }
 
 /// A member's peer URL, checked to be `http://host:port` with no path.

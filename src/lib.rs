@@ -17,6 +17,7 @@
 //! [`run`] wires them together; one [`CancellationToken`] stops the daemon.
 
 pub mod config;
+pub mod dump;
 pub mod error;
 pub mod http_api;
 pub mod kvstore;

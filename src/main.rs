@@ -12,6 +12,13 @@ use raftexample::{config, Config, Error};
 
 fn main() -> ExitCode {
     let cfg = Config::parse();
+    if let Some(config::Command::WalDump { data_dir, id }) = &cfg.command {
+        let stdout = std::io::stdout();
+        return match raftexample::dump::wal_dump(data_dir, *id, &mut stdout.lock()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e.to_string()),
+        };
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => return fail(&format!("cannot start the runtime: {e}")),

@@ -33,6 +33,8 @@ const DRAIN: usize = 4096;
 /// Ticks after which an unanswered ReadIndex round is issued again (the first may have been
 /// dropped by a leader change).
 const READ_RETRY_TICKS: u32 = 5;
+/// How long a stopping leader waits for its successor to take over.
+const HANDOVER: Duration = Duration::from_secs(2);
 
 /// A membership change from the client API (raftexample's `confChangeC`); `done` fires once it
 /// is applied on this node, or with the reason it was refused.
@@ -184,7 +186,7 @@ impl RaftNode {
             &cfg.wal_dir(),
             WalOptions {
                 segment_size: cfg.wal_segment_size,
-                ..Default::default()
+                fail_write_after: cfg.wal_fail_after_bytes,
             },
             logger,
         )?;
@@ -336,10 +338,20 @@ impl RaftNode {
         let mut ticker = tokio::time::interval(TICK);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.publish_status();
+        // Set while a leader hands over before stopping.
+        let mut handing_over: Option<Instant> = None;
         loop {
             tokio::select! {
                 biased;
-                _ = token.cancelled() => break,
+                _ = token.cancelled(), if handing_over.is_none() => {
+                    match self.hand_over_leadership() {
+                        Some(to) => {
+                            slog::info!(self.logger, "shutting down: transferring leadership"; "to" => to);
+                            handing_over = Some(Instant::now() + HANDOVER);
+                        }
+                        None => break,
+                    }
+                }
                 _ = ticker.tick() => {
                     self.node.tick();
                     self.reads.on_tick(&mut self.node);
@@ -376,12 +388,35 @@ impl RaftNode {
             if self.exit.is_some() {
                 break;
             }
+            if handing_over.is_some_and(|until| {
+                self.node.raft.state != StateRole::Leader || Instant::now() >= until
+            }) {
+                break;
+            }
         }
         self.wal.sync()?;
         self.reads.fail_all(ReadError::Shutdown);
         let exit = self.exit.take().unwrap_or(Exit::Shutdown);
         slog::info!(self.logger, "raft stopped"; "exit" => ?exit, "applied" => self.applied);
         Ok(exit)
+    }
+
+    /// A leader about to stop picks the most up-to-date follower and asks it to take over (raft
+    /// first catches it up), so the cluster does not wait out an election timeout.
+    fn hand_over_leadership(&mut self) -> Option<u64> {
+        let raft = &self.node.raft;
+        if raft.state != StateRole::Leader {
+            return None;
+        }
+        let voters = &self.node.store().conf_state().voters;
+        let to = raft
+            .prs()
+            .iter()
+            .filter(|(id, _)| **id != self.id && voters.contains(id))
+            .max_by_key(|(_, p)| p.matched)
+            .map(|(id, _)| *id)?;
+        self.node.transfer_leader(to);
+        Some(to)
     }
 
     fn step(&mut self, m: Message) {
