@@ -602,7 +602,7 @@ impl RaftNode {
         .await?;
         self.applied = index;
         self.snapshot_index = index;
-        Ok(())
+        self.purge()
     }
 
     async fn send_apply(&mut self, a: Apply) -> Result<()> {
@@ -741,12 +741,25 @@ impl RaftNode {
         if compact > 0 {
             self.node.mut_store().compact(compact)?;
         }
-        let wals = self.wal.release_to(index)?;
-        let snaps = self.snapshotter.purge(self.max_snapshots)?;
+        self.purge()?;
         crate::metrics::snapshot();
         slog::info!(self.logger, "snapshot taken"; "index" => index, "compacted_to" => compact,
-            "purged_wal" => wals, "purged_snap" => snaps,
             "ms" => started.elapsed().as_millis() as u64);
+        Ok(())
+    }
+
+    /// Deletes snapshot files beyond the newest `max_snapshots`, then the WAL segments wholly
+    /// before the oldest snapshot kept: if the newest snapshot file turns out to be corrupt at
+    /// restart, an older one plus the WAL after it still recovers the same state.
+    fn purge(&mut self) -> Result<()> {
+        let snaps = self.snapshotter.purge(self.max_snapshots)?;
+        let wals = match self.snapshotter.oldest_index()? {
+            Some(oldest) => self.wal.release_to(oldest)?,
+            None => 0,
+        };
+        if snaps + wals > 0 {
+            slog::info!(self.logger, "purged old files"; "snap_files" => snaps, "wal_segments" => wals);
+        }
         Ok(())
     }
 

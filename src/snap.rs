@@ -161,6 +161,11 @@ impl Snapshotter {
         Ok(doomed.len())
     }
 
+    /// Index of the oldest `.snap` file present, if any.
+    pub fn oldest_index(&self) -> Result<Option<u64>, Error> {
+        Ok(self.list()?.last().map(|&(_, index, _)| index))
+    }
+
     /// `(term, index, path)` of every `.snap` file, newest first.
     fn list(&self) -> Result<Vec<(u64, u64, PathBuf)>, Error> {
         let mut snaps = Vec::new();
