@@ -193,22 +193,36 @@ async fn change_membership(
     }
 }
 
+/// `(applied index, hash)` of the application state, for `/status`.
+pub type Digest = Arc<dyn Fn() -> (u64, u64) + Send + Sync>;
+
+#[derive(Clone)]
+struct StatusState {
+    status: Arc<Mutex<NodeStatus>>,
+    digest: Option<Digest>,
+}
+
 /// `/status`, `/health` and `/metrics`, merged into the peer listener's router.
-pub fn status_router(status: Arc<Mutex<NodeStatus>>) -> Router {
+pub fn status_router(status: Arc<Mutex<NodeStatus>>, digest: Option<Digest>) -> Router {
     Router::new()
         .route("/status", get(status_json))
         .route("/health", get(health))
         .route("/metrics", get(|| async { crate::metrics::render() }))
-        .with_state(status)
+        .with_state(StatusState { status, digest })
 }
 
-async fn status_json(State(s): State<Arc<Mutex<NodeStatus>>>) -> Response {
-    let st = s.lock().expect("status lock").clone();
+async fn status_json(State(s): State<StatusState>) -> Response {
+    let mut st = s.status.lock().expect("status lock").clone();
+    if let Some(digest) = &s.digest {
+        let (applied, hash) = digest();
+        st.kv_applied = Some(applied);
+        st.kv_hash = Some(format!("{hash:016x}"));
+    }
     axum::Json(st).into_response()
 }
 
-async fn health(State(s): State<Arc<Mutex<NodeStatus>>>) -> (StatusCode, &'static str) {
-    let st = s.lock().expect("status lock").clone();
+async fn health(State(s): State<StatusState>) -> (StatusCode, &'static str) {
+    let st = s.status.lock().expect("status lock").clone();
     if st.leader == 0 {
         (StatusCode::SERVICE_UNAVAILABLE, "no leader\n")
     } else if st.applied < st.commit {

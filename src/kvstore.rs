@@ -151,6 +151,18 @@ impl KvStore {
         bincode::serialize(&*map).expect("serialising a map of byte vectors cannot fail")
     }
 
+    /// `(applied index, hash of the map at that index)`: equal on replicas that converged. The
+    /// hash is order-independent (a wrapping sum over pairs) so it needs no sorting.
+    pub fn digest(&self) -> (u64, u64) {
+        let map = self.map.read().expect("map lock");
+        let hash = map.iter().fold(0u64, |acc, (k, v)| {
+            let h = (u64::from(crc32c::crc32c(k)) << 32)
+                | u64::from(crc32c::crc32c_append(crc32c::crc32c(k), v));
+            acc.wrapping_add(h.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+        });
+        (self.applied(), hash)
+    }
+
     /// Proposes `key = value` and waits until this node has applied it, or `deadline`.
     pub async fn put(
         &self,
@@ -220,6 +232,8 @@ impl KvStore {
                 let mut woken = Vec::new();
                 {
                     let mut map = self.map.write().expect("map lock");
+                    // Published under the lock so `digest` sees a map and index that match.
+                    self.applied_tx.send_replace(index);
                     for d in &data {
                         match bincode::deserialize::<Put>(d) {
                             Ok(put) => {
@@ -234,7 +248,6 @@ impl KvStore {
                         }
                     }
                 }
-                self.applied_tx.send_replace(index);
                 let mut waiters = self.waiters.lock().expect("waiters lock");
                 for id in woken {
                     if let Some(w) = waiters.remove(&id) {
@@ -248,7 +261,8 @@ impl KvStore {
             Apply::Snapshot { index, data } => match bincode::deserialize::<Map>(&data) {
                 Ok(map) => {
                     slog::info!(self.logger, "loaded snapshot"; "index" => index, "keys" => map.len());
-                    *self.map.write().expect("map lock") = map;
+                    let mut m = self.map.write().expect("map lock");
+                    *m = map;
                     self.applied_tx.send_replace(index);
                 }
                 Err(e) => {

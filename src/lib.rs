@@ -70,6 +70,7 @@ pub fn start_raft(
     propose_rx: mpsc::Receiver<kvstore::Proposal>,
     conf_change_rx: mpsc::Receiver<ConfChangeRequest>,
     read_rx: mpsc::Receiver<ReadRequest>,
+    digest: Option<http_api::Digest>,
     logger: &slog::Logger,
     stop: CancellationToken,
 ) -> Result<RaftHandle> {
@@ -133,7 +134,7 @@ pub fn start_raft(
         removed,
         logger: logger.new(slog::o!("component" => "peer-http")),
     })
-    .merge(http_api::status_router(status.clone()));
+    .merge(http_api::status_router(status.clone(), digest));
     let peer_server = tokio::spawn(
         axum::serve(peer_listener, peer_router)
             .with_graceful_shutdown(stop.cancelled_owned())
@@ -165,6 +166,7 @@ pub async fn run(
     // Raft outlives the client API during shutdown so that in-flight requests can finish.
     let raft_stop = CancellationToken::new();
     let snap_kv = kv.clone();
+    let digest_kv = kv.clone();
     let RaftHandle {
         commit_rx,
         mut error_rx,
@@ -177,6 +179,7 @@ pub async fn run(
         propose_rx,
         conf_change_rx,
         read_rx,
+        Some(Arc::new(move || digest_kv.digest())),
         &logger,
         raft_stop.clone(),
     )?;

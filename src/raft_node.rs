@@ -79,6 +79,12 @@ pub struct NodeStatus {
     pub commit: u64,
     pub applied: u64,
     pub members: BTreeMap<u64, String>,
+    /// Applied index of the kv map and a hash of the map at that index (see
+    /// `KvStore::digest`), filled in by the `/status` handler.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kv_applied: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kv_hash: Option<String>,
 }
 
 /// Snapshot payload: the membership the log no longer holds after compaction, and the map.

@@ -102,6 +102,7 @@ impl RawTestNode {
             propose_rx,
             conf_change_rx,
             read_rx,
+            None,
             &logger(),
             stop.clone(),
         )
