@@ -24,6 +24,7 @@ use crate::kvstore::{Apply, Proposal};
 use crate::snap::Snapshotter;
 use crate::storage::RaftStorage;
 use crate::transport::{Report, Transport};
+use crate::wal::writer::{Job, Persisted, Writer, WriterError};
 use crate::wal::{Wal, WalOptions, WalSnapshot};
 
 const TICK: Duration = Duration::from_millis(100);
@@ -34,7 +35,7 @@ const DRAIN: usize = 4096;
 /// dropped by a leader change).
 const READ_RETRY_TICKS: u32 = 5;
 /// How long a stopping leader waits for its successor to take over.
-const HANDOVER: Duration = Duration::from_secs(2);
+const HANDOVER: Duration = Duration::from_secs(1);
 
 /// A membership change from the client API (raftexample's `confChangeC`); `done` fires once it
 /// is applied on this node, or with the reason it was refused.
@@ -115,7 +116,10 @@ pub enum Exit {
 pub struct RaftNode {
     id: u64,
     node: RawNode<RaftStorage>,
-    wal: Wal,
+    /// Taken by `run`, which hands it to the WAL writer thread.
+    wal: Option<Wal>,
+    writer: Option<Writer>,
+    snap_dir: std::path::PathBuf,
     snapshotter: Snapshotter,
     transport: Transport,
     get_snapshot: GetSnapshot,
@@ -130,6 +134,8 @@ pub struct RaftNode {
     last_apply_done: Option<oneshot::Receiver<()>>,
     pending_cc: HashMap<u64, oneshot::Sender<Result<(), ConfChangeError>>>,
     reads: ReadBatcher,
+    /// Number of a Ready carrying a leader's snapshot that the writer has not yet persisted.
+    snapshot_persisting: Option<u64>,
     status: Arc<Mutex<NodeStatus>>,
     members_changed: bool,
     exit: Option<Exit>,
@@ -137,6 +143,13 @@ pub struct RaftNode {
     catchup_entries: u64,
     max_snapshots: usize,
     logger: slog::Logger,
+}
+
+fn writer_error(e: WriterError) -> Error {
+    match e {
+        WriterError::Wal(e) => Error::Wal(e),
+        WriterError::Snap(e) => Error::Snap(e),
+    }
 }
 
 /// Serialises the application state for a snapshot (raftexample's `getSnapshot`); called only
@@ -316,7 +329,9 @@ impl RaftNode {
         Ok(RaftNode {
             id: cfg.id,
             node,
-            wal,
+            wal: Some(wal),
+            writer: None,
+            snap_dir: cfg.snap_dir(),
             snapshotter,
             transport,
             get_snapshot,
@@ -328,6 +343,7 @@ impl RaftNode {
             last_apply_done: None,
             pending_cc: HashMap::new(),
             reads: ReadBatcher::default(),
+            snapshot_persisting: None,
             status: shared.status.clone(),
             members_changed: true,
             exit: None,
@@ -341,6 +357,16 @@ impl RaftNode {
     /// The event loop: a 100 ms ticker plus the input channels, each event followed by as many
     /// Ready rounds as raft has.
     pub async fn run(mut self, mut inp: Inputs, token: CancellationToken) -> Result<Exit> {
+        let (persisted_tx, mut persisted_rx) = mpsc::unbounded_channel();
+        let wal = self.wal.take().expect("run is called once");
+        self.writer = Some(
+            Writer::start(wal, self.snap_dir.clone(), persisted_tx, &self.logger).map_err(|e| {
+                Error::Io {
+                    context: "cannot start the WAL writer thread".into(),
+                    source: e,
+                }
+            })?,
+        );
         let mut ticker = tokio::time::interval(TICK);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.publish_status();
@@ -367,6 +393,10 @@ impl RaftNode {
                     for _ in 0..DRAIN {
                         match inp.raft_msg_rx.try_recv() { Ok(m) => self.step(m), Err(_) => break }
                     }
+                }
+                Some(p) = persisted_rx.recv() => {
+                    self.on_persisted(p)?;
+                    while let Ok(p) = persisted_rx.try_recv() { self.on_persisted(p)? }
                 }
                 Some(r) = inp.report_rx.recv() => {
                     self.report(r);
@@ -400,7 +430,13 @@ impl RaftNode {
                 break;
             }
         }
-        self.wal.sync()?;
+        // Finishes the queued writes, syncs and closes the WAL.
+        if let Some(mut w) = self.writer.take() {
+            w.close();
+        }
+        while let Ok(p) = persisted_rx.try_recv() {
+            p.map_err(writer_error)?;
+        }
         self.reads.fail_all(ReadError::Shutdown);
         let exit = self.exit.take().unwrap_or(Exit::Shutdown);
         slog::info!(self.logger, "raft stopped"; "exit" => ?exit, "applied" => self.applied);
@@ -506,7 +542,9 @@ impl RaftNode {
         }
     }
 
-    /// One Ready round, in raft-rs 0.7's order.
+    /// One Ready round, in raft-rs 0.7's order, with persistence handed to the WAL writer
+    /// thread (`advance_append_async`): the loop goes on stepping messages and taking
+    /// proposals while the disk works, and many Readies share one fsync.
     async fn on_ready(&mut self) -> Result<()> {
         let mut rd = self.node.ready();
 
@@ -525,48 +563,72 @@ impl RaftNode {
                 term: meta.term,
             };
             self.snapshotter.save(&snap)?;
-            self.wal.save_snapshot(&marker)?;
+            self.submit(Job::Snapshot(marker))?;
             self.install_snapshot(snap).await?;
         }
 
         // 3. Entries committed earlier and already persisted.
         self.apply_committed(rd.take_committed_entries()).await?;
 
-        // 4. Entries, then HardState, in one write; fsync if raft needs it before answering.
+        // 4. Entries, then HardState, to the WAL; raft reads them from storage meanwhile but
+        // counts them (and sends the messages that promise them: votes, append responses) only
+        // once the writer reports them durable.
+        let entries = rd.take_entries();
         let hs = rd.hs().cloned();
-        if !rd.entries().is_empty() || hs.is_some() {
-            let started = Instant::now();
-            self.wal.save(rd.entries(), hs.as_ref(), rd.must_sync())?;
-            if rd.must_sync() {
-                crate::metrics::wal_fsync(started.elapsed());
-            }
-            let store = self.node.mut_store();
-            store.append(rd.entries())?;
-            if let Some(hs) = hs {
-                store.set_hard_state(hs);
-            }
+        let store = self.node.mut_store();
+        store.append(&entries)?;
+        if let Some(hs) = &hs {
+            store.set_hard_state(hs.clone());
+        }
+        let messages = rd.take_persisted_messages();
+        if !entries.is_empty() || hs.is_some() || !messages.is_empty() || !rd.snapshot().is_empty()
+        {
+            self.submit(Job::Append {
+                number: rd.number(),
+                entries,
+                hs,
+                sync: rd.must_sync(),
+                messages,
+            })?;
         }
 
-        // 5. Votes and append responses only once what they promise is on disk.
-        self.send(rd.take_persisted_messages());
-
-        // 6. Read indexes answered by the leader.
+        // 5. Read indexes answered by the leader.
         self.reads.resolve(rd.take_read_states());
 
-        // 7. Advance. raft-rs never repeats a LightReady's commit index in a later Ready.hs,
-        // so persist it here (no fsync: a lost commit index is recomputed by raft).
-        let mut light = self.node.advance(rd);
-        if let Some(commit) = light.commit_index() {
-            let store = self.node.mut_store();
-            store.set_commit(commit);
-            let hs = store.hard_state().clone();
-            self.wal.save(&[], Some(&hs), false)?;
+        // raft may not count a snapshot as applied before it is persisted (it panics), so after
+        // one, applying is reported only once the writer has caught up with this Ready.
+        if !rd.snapshot().is_empty() {
+            self.snapshot_persisting = Some(rd.number());
         }
-        self.send(light.take_messages());
-        self.apply_committed(light.take_committed_entries()).await?;
-        self.node.advance_apply();
-
+        self.node.advance_append_async(rd);
+        if self.snapshot_persisting.is_none() {
+            self.node.advance_apply();
+        }
         self.maybe_trigger_snapshot().await
+    }
+
+    fn submit(&mut self, job: Job) -> Result<()> {
+        let writer = self
+            .writer
+            .as_ref()
+            .expect("the writer runs while the loop does");
+        if writer.submit(job) {
+            Ok(())
+        } else {
+            Err(Error::Recovery("the WAL writer stopped".into()))
+        }
+    }
+
+    /// The writer made Ready `number` durable: release what waited for it.
+    fn on_persisted(&mut self, p: Result<Persisted, WriterError>) -> Result<()> {
+        let p = p.map_err(writer_error)?;
+        self.send(p.messages);
+        self.node.on_persist_ready(p.number);
+        if self.snapshot_persisting.is_some_and(|n| n <= p.number) {
+            self.snapshot_persisting = None;
+            self.node.advance_apply();
+        }
+        Ok(())
     }
 
     fn send(&mut self, mut msgs: Vec<Message>) {
@@ -741,7 +803,7 @@ impl RaftNode {
             term: snap.get_metadata().term,
         };
         self.snapshotter.save(snap)?;
-        self.wal.save_snapshot(&marker)?;
+        self.submit(Job::Snapshot(marker))?;
         self.snapshot_index = index;
         let compact = index.saturating_sub(self.catchup_entries);
         if compact > 0 {
@@ -754,19 +816,13 @@ impl RaftNode {
         Ok(())
     }
 
-    /// Deletes snapshot files beyond the newest `max_snapshots`, then the WAL segments wholly
-    /// before the oldest snapshot kept: if the newest snapshot file turns out to be corrupt at
-    /// restart, an older one plus the WAL after it still recovers the same state.
+    /// Deletes old snapshot files and WAL segments once the new marker is durable; see
+    /// [`Job::Purge`]. Keeping WAL back to the oldest snapshot kept means a corrupt newest
+    /// `.snap` still leaves an older one plus the WAL after it to recover from.
     fn purge(&mut self) -> Result<()> {
-        let snaps = self.snapshotter.purge(self.max_snapshots)?;
-        let wals = match self.snapshotter.oldest_index()? {
-            Some(oldest) => self.wal.release_to(oldest)?,
-            None => 0,
-        };
-        if snaps + wals > 0 {
-            slog::info!(self.logger, "purged old files"; "snap_files" => snaps, "wal_segments" => wals);
-        }
-        Ok(())
+        self.submit(Job::Purge {
+            keep: self.max_snapshots,
+        })
     }
 
     fn publish_status(&mut self) {

@@ -61,6 +61,7 @@
 
 mod record;
 mod segment;
+pub mod writer;
 
 use std::fs;
 use std::io;
