@@ -1,22 +1,27 @@
 //! Harness for multi-process tests: it runs the real `raftexample` binary, one OS process per
-//! node, on ephemeral 127.0.0.1 ports, each node with its own `TempDir` as `--data-dir`.
+//! node, on free 127.0.0.1 ports, each node with its own `TempDir` as `--data-dir`.
 //!
 //! Typical use:
 //! ```ignore
 //! let mut cluster = Cluster::start(3);                 // spawns 3 processes
 //! let leader = cluster.wait_leader().await;            // polls GET /status on every node
 //! assert_eq!(put(cluster.node(1).client_port, "k", "v").await, StatusCode::NO_CONTENT);
-//! wait_until(TIMEOUT, "node 2 serves k=v", || async {
-//!     try_get(port2, "k").await.is_some_and(|(s, b)| s == StatusCode::OK && b == "v")
-//! })
-//! .await;
+//! let port2 = cluster.node(2).client_port;
+//! wait_until(TIMEOUT, "node 2 serves k=v", || serves(port2, "k", "v")).await;
 //! cluster.node_mut(2).kill9();                         // SIGKILL, same data dir kept
 //! cluster.node_mut(2).start(&[]);                      // restart from WAL and snapshot
 //! ```
 //!
-//! Rules (style.md §7.9): no fixed sleeps, every wait is `wait_until` with a deadline; every
-//! child is killed when its `Node` drops; when a test panics, each node's captured stderr
-//! (the daemon's slog output) is printed so the failure can be read from `cargo test` output.
+//! - Processes: [`Cluster`] (`start`, `start_with`, `new`, `add_node`, `node`, `node_mut`,
+//!   `wait_leader`), [`Node`] (`start`, `start_join`, `kill9`, `sigterm`, `wait_exit`, `log`),
+//!   [`run_to_exit`] for one-shot runs, [`free_port`].
+//! - HTTP: [`put`], [`get`], [`try_get`], [`serves`], [`post_member`], [`delete_member`],
+//!   [`status`], [`member_ids`].
+//! - Waiting: [`wait_until`] (panics with a message), [`poll_until`] (returns a bool).
+//!
+//! Rules (style.md §7.9): no fixed sleeps, every wait is a poll with a deadline; every child is
+//! killed when its `Node` drops; when a test panics, each node's captured stdout and stderr (the
+//! daemon's slog output) are printed, so the failure can be read from `cargo test` output.
 //!
 //! Set `RAFTEXAMPLE_TEST_KEEP=1` to keep the nodes' data directories after the test (their paths
 //! are printed).
@@ -667,4 +672,222 @@ pub fn member_ids(status: &serde_json::Value) -> Vec<u64> {
         .unwrap_or_default();
     ids.sort_unstable();
     ids
+}
+
+// ----- Storage helpers (crash-safety tests): data-dir paths, log slices, wal-dump, PUTs that
+// ----- may fail because the node is being killed.
+
+/// The output of one `raftexample wal-dump` run.
+#[derive(Debug)]
+pub struct WalDump {
+    /// Exit status, or `None` if it did not exit within the timeout (it was then killed).
+    pub status: Option<ExitStatus>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl WalDump {
+    /// True if the tool exited with status 0.
+    pub fn ok(&self) -> bool {
+        self.status.is_some_and(|s| s.success())
+    }
+}
+
+/// Runs `raftexample wal-dump --data-dir <data_dir> --id <id>` (read-only) and captures its
+/// output; it is killed if it has not exited within [`TIMEOUT`].
+pub async fn wal_dump(data_dir: &std::path::Path, id: u64) -> WalDump {
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.arg("wal-dump")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--id")
+        .arg(id.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {BIN} wal-dump: {e}"));
+    match tokio::time::timeout(TIMEOUT, child.wait_with_output()).await {
+        Ok(out) => {
+            let out = out.expect("collect the output of wal-dump");
+            WalDump {
+                status: Some(out.status),
+                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            }
+        }
+        // Dropping the future drops the child, which kills it (kill_on_drop).
+        Err(_) => WalDump {
+            status: None,
+            stdout: String::new(),
+            stderr: format!("<wal-dump did not exit within {TIMEOUT:?}>"),
+        },
+    }
+}
+
+/// The last non-empty line of `text` (trailing whitespace trimmed), or "" if there is none.
+pub fn last_line(text: &str) -> &str {
+    text.lines()
+        .map(str::trim_end)
+        .rfind(|l| !l.is_empty())
+        .unwrap_or("")
+}
+
+/// `PUT /<key>` with `value` on a caller-provided client; `None` if the node could not be
+/// reached or the connection broke (killed, not listening yet, exited after a disk error).
+pub async fn try_put_with(
+    client: &reqwest::Client,
+    port: u16,
+    key: &str,
+    value: impl Into<Vec<u8>>,
+) -> Option<StatusCode> {
+    let response = client
+        .put(key_url(port, key))
+        .body(value.into())
+        .send()
+        .await
+        .ok()?;
+    let status = response.status();
+    // Read the body so that the connection can be reused.
+    let _ = response.bytes().await;
+    Some(status)
+}
+
+/// `GET /<key>` (linearizable) on a caller-provided client; `None` if the node is unreachable.
+pub async fn try_get_with(
+    client: &reqwest::Client,
+    port: u16,
+    key: &str,
+) -> Option<(StatusCode, Bytes)> {
+    let response = client.get(key_url(port, key)).send().await.ok()?;
+    let status = response.status();
+    let body = response.bytes().await.ok()?;
+    Some((status, body))
+}
+
+/// A client with a connection pool, for tests that send thousands of requests (one client per
+/// request, as [`put`] does, would leave a socket in TIME_WAIT per request). Build one per node
+/// start: pooled connections to a killed process are dead.
+pub fn pooled_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(HTTP_TIMEOUT)
+        .build()
+        .expect("build a reqwest client")
+}
+
+impl Node {
+    /// The node's WAL directory, `<data-dir>/raftexample-<id>/`.
+    pub fn wal_dir(&self) -> PathBuf {
+        self.dir.path().join(format!("raftexample-{}", self.id))
+    }
+
+    /// The node's snapshot directory, `<data-dir>/raftexample-<id>-snap/`.
+    pub fn snap_dir(&self) -> PathBuf {
+        self.dir
+            .path()
+            .join(format!("raftexample-{}-snap", self.id))
+    }
+
+    /// Current length of [`Node::log_path`]; pass it to [`Node::log_since`] to read only what a
+    /// later start printed.
+    pub fn log_len(&self) -> usize {
+        std::fs::metadata(self.log_path()).map_or(0, |m| m.len() as usize)
+    }
+
+    /// What the node printed after the log was `offset` bytes long.
+    pub fn log_since(&self, offset: usize) -> String {
+        let log = std::fs::read(self.log_path()).unwrap_or_default();
+        String::from_utf8_lossy(log.get(offset..).unwrap_or_default()).into_owned()
+    }
+}
+
+/// Names of the files in `dir` whose name ends with `suffix`, sorted; empty if `dir` is missing.
+pub fn files_ending_with(dir: &std::path::Path, suffix: &str) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n.ends_with(suffix))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+// ----- Helpers of the client-guarantee tests (linearizability, durability, API errors):
+// ----- arbitrary requests, serializable reads, the peer listener's routes, leader polling.
+
+/// Sends `method <path>` with `body` to the client API on `port`, with `client`, and returns
+/// the status, the headers and the body; `Err` if the request could not be completed (node
+/// unreachable, connection broken, client timeout). `path` is sent as given (query included).
+pub async fn client_request(
+    client: &reqwest::Client,
+    port: u16,
+    method: reqwest::Method,
+    path: &str,
+    body: impl Into<Vec<u8>>,
+) -> Result<(StatusCode, reqwest::header::HeaderMap, Bytes), reqwest::Error> {
+    let url = format!("http://127.0.0.1:{port}{path}");
+    let response = client
+        .request(method, &url)
+        .body(body.into())
+        .send()
+        .await?;
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = response.bytes().await?;
+    Ok((status, headers, body))
+}
+
+/// `GET /<key>?consistency=serializable` (this node's own copy) on a caller-provided client;
+/// `None` if the node is unreachable.
+pub async fn try_get_serializable_with(
+    client: &reqwest::Client,
+    port: u16,
+    key: &str,
+) -> Option<(StatusCode, Bytes)> {
+    let url = format!("{}?consistency=serializable", key_url(port, key));
+    let response = client.get(url).send().await.ok()?;
+    let status = response.status();
+    let body = response.bytes().await.ok()?;
+    Some((status, body))
+}
+
+/// `GET <peer_url><path>` on the peer listener (`/health`, `/metrics`, `/status`): the status
+/// and the body as text; `None` if the node is unreachable.
+pub async fn peer_get(peer_url: &str, path: &str) -> Option<(StatusCode, String)> {
+    let response = client()
+        .get(format!("{peer_url}{path}"))
+        .send()
+        .await
+        .ok()?;
+    let status = response.status();
+    let body = response.text().await.ok()?;
+    Some((status, body))
+}
+
+/// True if `GET <peer_url>/health` answers 200 (a leader is known and everything committed
+/// is applied).
+pub async fn healthy(peer_url: &str) -> bool {
+    peer_get(peer_url, "/health")
+        .await
+        .is_some_and(|(s, _)| s == StatusCode::OK)
+}
+
+impl Cluster {
+    /// The leader that nodes `ids` all report on `GET /status`, if they all answer, agree on
+    /// a non-zero leader, and that leader is one of them and calls itself leader. One round of
+    /// polls; wrap it in [`poll_until`] to wait. Unlike [`Cluster::wait_leader`] it ignores the
+    /// other nodes (e.g. one that is shutting down).
+    pub async fn leader_among(&self, ids: &[u64]) -> Option<u64> {
+        let mut statuses = Vec::new();
+        for &id in ids {
+            statuses.push((id, status(&self.node(id).peer_url).await));
+        }
+        agreed_leader(&statuses)
+    }
 }
