@@ -70,6 +70,11 @@ pub struct Config {
     #[arg(long, hide = true)]
     pub wal_fail_after_bytes: Option<u64>,
 
+    /// Test hook (feature `fault-injection`): a file of transport fault rules, re-read live.
+    #[cfg(feature = "fault-injection")]
+    #[arg(long, hide = true)]
+    pub fault_file: Option<PathBuf>,
+
     #[command(subcommand)]
     pub command: Option<Command>,
 }

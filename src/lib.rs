@@ -19,6 +19,8 @@
 pub mod config;
 pub mod dump;
 pub mod error;
+#[cfg(feature = "fault-injection")]
+pub mod faults;
 pub mod http_api;
 pub mod kvstore;
 pub mod metrics;

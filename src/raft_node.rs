@@ -319,6 +319,16 @@ impl RaftNode {
             shared.shutdown.clone(),
             logger,
         );
+        #[cfg(feature = "fault-injection")]
+        if let Some(path) = &cfg.fault_file {
+            let faults = Arc::new(crate::faults::Faults::default());
+            faults.clone().watch(
+                path.clone(),
+                shared.shutdown.clone(),
+                logger.new(slog::o!("component" => "faults")),
+            );
+            transport.set_faults(faults);
+        }
         for (id, url) in &members {
             if !removed.contains(id) {
                 transport.add_peer(*id, url);

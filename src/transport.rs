@@ -84,6 +84,8 @@ pub struct Transport {
     /// Spawns sender tasks on the multi-threaded runtime, not on the raft thread's own runtime.
     rt: tokio::runtime::Handle,
     shutdown: CancellationToken,
+    #[cfg(feature = "fault-injection")]
+    faults: Option<Arc<crate::faults::Faults>>,
     logger: slog::Logger,
 }
 
@@ -109,8 +111,16 @@ impl Transport {
             report_tx,
             rt,
             shutdown,
+            #[cfg(feature = "fault-injection")]
+            faults: None,
             logger: logger.new(slog::o!("component" => "transport")),
         }
+    }
+
+    /// Test hook: senders consult `faults` before each request.
+    #[cfg(feature = "fault-injection")]
+    pub fn set_faults(&mut self, faults: Arc<crate::faults::Faults>) {
+        self.faults = Some(faults);
     }
 
     pub fn has_peer(&self, id: u64) -> bool {
@@ -131,6 +141,8 @@ impl Transport {
             endpoint: format!("{url}/raft"),
             client: self.client.clone(),
             report_tx: self.report_tx.clone(),
+            #[cfg(feature = "fault-injection")]
+            faults: self.faults.clone(),
             logger: self.logger.new(slog::o!("peer" => id)),
         };
         self.rt.spawn(sender.run(rx, stop.clone()));
@@ -187,6 +199,8 @@ struct PeerSender {
     endpoint: String,
     client: reqwest::Client,
     report_tx: mpsc::UnboundedSender<Report>,
+    #[cfg(feature = "fault-injection")]
+    faults: Option<Arc<crate::faults::Faults>>,
     logger: slog::Logger,
 }
 
@@ -216,6 +230,24 @@ impl PeerSender {
             .filter(|m| m.get_msg_type() == MessageType::MsgSnapshot)
             .map(|m| m.get_snapshot().get_metadata().index)
             .collect();
+        #[cfg(feature = "fault-injection")]
+        if let Some(f) = &self.faults {
+            let rule = f.rule(self.to);
+            if rule.drop {
+                // As a cut link: nothing arrives and raft hears the peer is unreachable.
+                batch.clear();
+                let _ = self.report_tx.send(Report::Unreachable(self.to));
+                for _ in snaps {
+                    let _ = self
+                        .report_tx
+                        .send(Report::Snapshot(self.to, SnapshotStatus::Failure));
+                }
+                return;
+            }
+            if !rule.delay.is_zero() {
+                tokio::time::sleep(rule.delay).await;
+            }
+        }
         let body = encode_batch(batch);
         batch.clear();
         let size = body.len();
