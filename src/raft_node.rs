@@ -398,34 +398,20 @@ impl RaftNode {
                     self.node.tick();
                     self.reads.on_tick(&mut self.node);
                 }
-                Some(m) = inp.raft_msg_rx.recv() => {
-                    self.step(m);
-                    for _ in 0..DRAIN {
-                        match inp.raft_msg_rx.try_recv() { Ok(m) => self.step(m), Err(_) => break }
-                    }
-                }
-                Some(p) = persisted_rx.recv() => {
-                    self.on_persisted(p)?;
-                    while let Ok(p) = persisted_rx.try_recv() { self.on_persisted(p)? }
-                }
-                Some(r) = inp.report_rx.recv() => {
-                    self.report(r);
-                    while let Ok(r) = inp.report_rx.try_recv() { self.report(r) }
-                }
-                p = inp.propose_rx.recv() => {
+                Some(m) = inp.raft_msg_rx.recv() => self.step(m),
+                Some(p) = persisted_rx.recv() => self.on_persisted(p)?,
+                Some(r) = inp.report_rx.recv() => self.report(r),
+                p = inp.propose_rx.recv() => match p {
+                    Some(p) => self.propose(p),
                     // Every proposer gone is raftexample's closed proposeC: stop.
-                    let Some(p) = p else { break };
-                    self.propose(p);
-                    for _ in 0..DRAIN {
-                        match inp.propose_rx.try_recv() { Ok(p) => self.propose(p), Err(_) => break }
-                    }
-                }
-                Some(r) = inp.read_rx.recv() => {
-                    self.reads.queued.push(r);
-                    while let Ok(r) = inp.read_rx.try_recv() { self.reads.queued.push(r) }
-                }
+                    None => break,
+                },
+                Some(r) = inp.read_rx.recv() => self.reads.queued.push(r),
                 Some(cc) = inp.conf_change_rx.recv() => self.propose_conf_change(cc),
             }
+            // Take whatever else is already queued on every input, so one Ready (and one
+            // fsync) covers it all and no input starves another.
+            self.drain(&mut inp, &mut persisted_rx)?;
             self.reads.flush(&mut self.node);
             while self.node.has_ready() && self.exit.is_none() {
                 self.on_ready().await?;
@@ -451,6 +437,36 @@ impl RaftNode {
         let exit = self.exit.take().unwrap_or(Exit::Shutdown);
         slog::info!(self.logger, "raft stopped"; "exit" => ?exit, "applied" => self.applied);
         Ok(exit)
+    }
+
+    fn drain(
+        &mut self,
+        inp: &mut Inputs,
+        persisted_rx: &mut mpsc::UnboundedReceiver<Result<Persisted, WriterError>>,
+    ) -> Result<()> {
+        while let Ok(p) = persisted_rx.try_recv() {
+            self.on_persisted(p)?;
+        }
+        while let Ok(r) = inp.report_rx.try_recv() {
+            self.report(r);
+        }
+        for _ in 0..DRAIN {
+            let Ok(m) = inp.raft_msg_rx.try_recv() else {
+                break;
+            };
+            self.step(m);
+        }
+        for _ in 0..DRAIN {
+            let Ok(p) = inp.propose_rx.try_recv() else {
+                break;
+            };
+            self.propose(p);
+        }
+        for _ in 0..DRAIN {
+            let Ok(r) = inp.read_rx.try_recv() else { break };
+            self.reads.queued.push(r);
+        }
+        Ok(())
     }
 
     /// A leader about to stop picks the most up-to-date follower and asks it to take over (raft
