@@ -69,6 +69,32 @@ pub struct ApiState {
     pub conf_change_tx: mpsc::Sender<ConfChangeRequest>,
     pub read_tx: mpsc::Sender<ReadRequest>,
     pub timeout: Duration,
+    /// Forwards membership changes to the leader's peer listener.
+    pub peers: reqwest::Client,
+}
+
+/// The HTTP client for requests forwarded to other members.
+pub fn peer_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .connect_timeout(Duration::from_secs(1))
+        .build()
+        .expect("a plain-HTTP client with no TLS always builds")
+}
+
+/// `POST /conf-change` on the peer listener: a membership change forwarded by a follower,
+/// handled here as if a client had sent it, but never forwarded again.
+pub fn forwarded_router(state: ApiState) -> Router {
+    Router::new()
+        .route("/conf-change", axum::routing::post(forwarded))
+        .with_state(state)
+}
+
+async fn forwarded(State(st): State<ApiState>, body: Bytes) -> Result<Response, ApiError> {
+    use protobuf::Message as _;
+    let cc = ConfChange::parse_from_bytes(&body)
+        .map_err(|_| ApiError::BadRequest("undecodable conf change".into()))?;
+    change_membership(&st, cc, Instant::now() + st.timeout, false).await
 }
 
 /// The client API. The query string is not part of the key (`?consistency=serializable`).
@@ -116,14 +142,16 @@ async fn handle(
             cc.set_change_type(ConfChangeType::AddNode);
             cc.node_id = id;
             cc.context = url.url.into_bytes().into();
-            change_membership(&st, cc, deadline).await
+            cc.id = st.kv.next_id();
+            change_membership(&st, cc, deadline, true).await
         }
         Method::DELETE => {
             let id = parse_node_id(uri.path())?;
             let mut cc = ConfChange::default();
             cc.set_change_type(ConfChangeType::RemoveNode);
             cc.node_id = id;
-            change_membership(&st, cc, deadline).await
+            cc.id = st.kv.next_id();
+            change_membership(&st, cc, deadline, true).await
         }
         _ => Err(ApiError::MethodNotAllowed),
     }
@@ -166,10 +194,14 @@ async fn wait_linearizable(st: &ApiState, deadline: Instant) -> Result<(), ApiEr
 
 async fn change_membership(
     st: &ApiState,
-    mut cc: ConfChange,
+    cc: ConfChange,
     deadline: Instant,
+    may_forward: bool,
 ) -> Result<Response, ApiError> {
-    cc.id = st.kv.next_id();
+    use protobuf::Message as _;
+    let body = cc
+        .write_to_bytes()
+        .expect("encoding a ConfChange cannot fail");
     let (done, rx) = oneshot::channel();
     st.conf_change_tx
         .send(ConfChangeRequest { cc, done })
@@ -183,6 +215,12 @@ async fn change_membership(
             | ConfChangeError::Pending => ApiError::Conflict(e.to_string()),
             ConfChangeError::NotMember(_) => ApiError::NotFound(e.to_string()),
             ConfChangeError::Dropped(_) => ApiError::Unavailable(e.to_string()),
+            ConfChangeError::NotLeader { url, .. } if may_forward => {
+                return forward(st, &url, body, deadline).await;
+            }
+            ConfChangeError::NotLeader { .. } => {
+                ApiError::Unavailable("not applied: leadership changed while forwarding".into())
+            }
         }),
         Ok(Err(_)) => Err(ApiError::Unavailable(
             "outcome unknown: node stopped before applying".into(),
@@ -191,6 +229,28 @@ async fn change_membership(
             "outcome unknown: not applied within the timeout".into(),
         )),
     }
+}
+
+/// Relays a membership change to the leader and its answer back to the client.
+async fn forward(
+    st: &ApiState,
+    leader_url: &str,
+    body: Vec<u8>,
+    deadline: Instant,
+) -> Result<Response, ApiError> {
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    let res = st
+        .peers
+        .post(format!("{leader_url}/conf-change"))
+        .timeout(remaining)
+        .body(body)
+        .send()
+        .await;
+    let unknown = || ApiError::Unavailable("outcome unknown: the leader did not answer".into());
+    let res = res.map_err(|_| unknown())?;
+    let status = StatusCode::from_u16(res.status().as_u16()).map_err(|_| unknown())?;
+    let text = res.bytes().await.map_err(|_| unknown())?;
+    Ok((status, text).into_response())
 }
 
 /// `(applied index, hash)` of the application state, for `/status`.

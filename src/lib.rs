@@ -58,21 +58,21 @@ pub struct RaftHandle {
     /// errorC: the raft thread's result, once it stops.
     pub error_rx: oneshot::Receiver<Result<Exit>>,
     pub status: Arc<Mutex<NodeStatus>>,
-    pub peer_server: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// `POST /raft`, for the caller to serve on the peer listener (with more routes if it likes).
+    pub peer_router: axum::Router,
+    /// Cancelled once the raft loop has stopped: the peer listener and the senders outlive it,
+    /// so that a stopping leader can still hand over.
+    pub network_stop: CancellationToken,
 }
 
-/// Starts the raft thread and the peer listener (`/raft`, `/status`, `/health`, `/metrics`).
-/// The raft thread replays the snapshot and WAL first; the snapshot it restores is the first
-/// message on `commit_rx`. Cancelling `stop` stops raft, its senders and the peer listener.
-#[allow(clippy::too_many_arguments)]
+/// Starts the raft thread. It replays the snapshot and WAL first; the snapshot it restores is
+/// the first message on `commit_rx`. Cancelling `stop` stops raft, then its network.
 pub fn start_raft(
     cfg: &Config,
-    peer_listener: TcpListener,
     get_snapshot: GetSnapshot,
     propose_rx: mpsc::Receiver<kvstore::Proposal>,
     conf_change_rx: mpsc::Receiver<ConfChangeRequest>,
     read_rx: mpsc::Receiver<ReadRequest>,
-    digest: Option<http_api::Digest>,
     logger: &slog::Logger,
     stop: CancellationToken,
 ) -> Result<RaftHandle> {
@@ -86,13 +86,14 @@ pub fn start_raft(
     }));
     let removed = Arc::new(RwLock::new(HashSet::new()));
     let (error_tx, error_rx) = oneshot::channel::<Result<Exit>>();
+    let network_stop = CancellationToken::new();
     let shared = Shared {
         commit_tx,
         removed: removed.clone(),
         status: status.clone(),
         report_tx,
         rt: tokio::runtime::Handle::current(),
-        shutdown: stop.clone(),
+        shutdown: network_stop.clone(),
     };
     let inputs = Inputs {
         propose_rx,
@@ -104,7 +105,7 @@ pub fn start_raft(
     {
         let cfg = cfg.clone();
         let logger = logger.clone();
-        let stop = stop.clone();
+        let network_stop = network_stop.clone();
         std::thread::Builder::new()
             .name(format!("raft-{}", cfg.id))
             .spawn(move || {
@@ -123,6 +124,7 @@ pub fn start_raft(
                     });
                 // `shared` (with the commit sender) drops here, which ends the apply task.
                 drop(shared);
+                network_stop.cancel();
                 let _ = error_tx.send(res);
             })
             .map_err(|e| Error::Io {
@@ -135,18 +137,13 @@ pub fn start_raft(
         raft_msg_tx,
         removed,
         logger: logger.new(slog::o!("component" => "peer-http")),
-    })
-    .merge(http_api::status_router(status.clone(), digest));
-    let peer_server = tokio::spawn(
-        axum::serve(peer_listener, peer_router)
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .into_future(),
-    );
+    });
     Ok(RaftHandle {
         commit_rx,
         error_rx,
         status,
-        peer_server,
+        peer_router,
+        network_stop,
     })
 }
 
@@ -168,35 +165,43 @@ pub async fn run(
     // Raft outlives the client API during shutdown so that in-flight requests can finish.
     let raft_stop = CancellationToken::new();
     let snap_kv = kv.clone();
-    let digest_kv = kv.clone();
     let RaftHandle {
         commit_rx,
         mut error_rx,
-        peer_server,
-        ..
+        status,
+        peer_router,
+        network_stop,
     } = start_raft(
         &cfg,
-        peer_listener,
         Box::new(move || snap_kv.snapshot()),
         propose_rx,
         conf_change_rx,
         read_rx,
-        Some(Arc::new(move || digest_kv.digest())),
         &logger,
         raft_stop.clone(),
     )?;
-    let apply_task = tokio::spawn(kv.clone().run_apply(commit_rx));
-
     let client_stop = CancellationToken::new();
-    let client_router = http_api::client_router(
-        http_api::ApiState {
-            kv,
-            conf_change_tx,
-            read_tx,
-            timeout: cfg.request_timeout(),
-        },
-        cfg.max_request_bytes,
+    let api = http_api::ApiState {
+        kv: kv.clone(),
+        conf_change_tx,
+        read_tx,
+        timeout: cfg.request_timeout(),
+        peers: http_api::peer_client(),
+    };
+    let digest_kv = kv.clone();
+    let peer_router = peer_router
+        .merge(http_api::status_router(
+            status,
+            Some(Arc::new(move || digest_kv.digest())),
+        ))
+        .merge(http_api::forwarded_router(api.clone()));
+    let peer_server = tokio::spawn(
+        axum::serve(peer_listener, peer_router)
+            .with_graceful_shutdown(network_stop.cancelled_owned())
+            .into_future(),
     );
+    let apply_task = tokio::spawn(kv.run_apply(commit_rx));
+    let client_router = http_api::client_router(api, cfg.max_request_bytes);
     let client_server = tokio::spawn(
         axum::serve(client_listener, client_router)
             .with_graceful_shutdown(client_stop.clone().cancelled_owned())

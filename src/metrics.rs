@@ -88,8 +88,10 @@ pub fn peer_send_failure() {
 
 /// Every metric in the Prometheus text exposition format.
 pub fn render() -> String {
-    // Touch each metric so it is listed even before its first event.
-    LazyLock::force(&PROPOSALS);
+    // Touch each metric (and label) so it is listed even before its first event.
+    for outcome in ["accepted", "dropped"] {
+        PROPOSALS.with_label_values(&[outcome]);
+    }
     LazyLock::force(&COMMIT_INDEX);
     LazyLock::force(&APPLIED_INDEX);
     LazyLock::force(&APPLY_LAG);

@@ -57,6 +57,10 @@ pub enum ConfChangeError {
     Pending,
     #[error("not applied: {0}")]
     Dropped(String),
+    /// Only the leader can tell whether another change is pending (raft-rs silently turns a
+    /// forwarded change into a no-op when one is), so followers hand the request to it.
+    #[error("node {leader} is the leader")]
+    NotLeader { leader: u64, url: String },
 }
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
@@ -542,14 +546,26 @@ impl RaftNode {
         let id = req.cc.node_id;
         let is_member = self.node.store().conf_state().voters.contains(&id)
             || self.node.store().conf_state().learners.contains(&id);
-        let check = match req.cc.get_change_type() {
-            _ if self.removed.read().expect("removed-set lock").contains(&id) => {
+        let adding = req.cc.get_change_type() != ConfChangeType::RemoveNode;
+        let leader = self.node.raft.leader_id;
+        let check = match () {
+            _ if adding && self.removed.read().expect("removed-set lock").contains(&id) => {
                 Err(ConfChangeError::Removed(id))
             }
-            ConfChangeType::AddNode | ConfChangeType::AddLearnerNode if is_member => {
-                Err(ConfChangeError::AlreadyMember(id))
+            _ if adding && is_member => Err(ConfChangeError::AlreadyMember(id)),
+            _ if !adding && !is_member => Err(ConfChangeError::NotMember(id)),
+            _ if leader == raft::INVALID_ID => {
+                Err(ConfChangeError::Dropped("no leader known".into()))
             }
-            ConfChangeType::RemoveNode if !is_member => Err(ConfChangeError::NotMember(id)),
+            _ if leader != self.id => match self.members.get(&leader) {
+                Some(url) => Err(ConfChangeError::NotLeader {
+                    leader,
+                    url: url.clone(),
+                }),
+                None => Err(ConfChangeError::Dropped(
+                    "the leader's URL is unknown".into(),
+                )),
+            },
             _ if self.conf_change_pending() => Err(ConfChangeError::Pending),
             _ => Ok(()),
         };

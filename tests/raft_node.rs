@@ -167,6 +167,7 @@ async fn add_new_node() {
             )
         })
         .collect();
+    let cc_txs: Vec<_> = nodes.iter().map(|n| n.conf_change_tx.clone()).collect();
     // Drain nodes 2 and 3 so their raft loops never block on the commit channel.
     for mut n in nodes.drain(1..) {
         tokio::spawn(async move {
@@ -185,16 +186,24 @@ async fn add_new_node() {
     cc.node_id = 4;
     cc.id = 42;
     cc.context = urls[3].as_bytes().to_vec().into();
-    let cc_tx = n1.conf_change_tx.clone();
+    // Only the leader takes membership changes (the client API forwards to it); ask each
+    // node in turn until the leader has applied it.
     let added = wait_until(T, || {
         let cc = cc.clone();
-        let tx = cc_tx.clone();
+        let txs = cc_txs.clone();
         async move {
-            let (done, rx) = oneshot::channel();
-            tx.send(ConfChangeRequest { cc, done })
-                .await
-                .expect("raft running");
-            matches!(rx.await, Ok(Ok(())))
+            for tx in txs {
+                let (done, rx) = oneshot::channel();
+                let req = ConfChangeRequest {
+                    cc: cc.clone(),
+                    done,
+                };
+                tx.send(req).await.expect("raft running");
+                if matches!(rx.await, Ok(Ok(()))) {
+                    return true;
+                }
+            }
+            false
         }
     });
     // Node 1 must keep consuming its commits while the change is applied.

@@ -97,16 +97,21 @@ impl RawTestNode {
         let empty = bincode::serialize(&Map::new()).expect("serialise empty map");
         let handle = start_raft(
             &cfg,
-            listener,
             Box::new(move || empty.clone()),
             propose_rx,
             conf_change_rx,
             read_rx,
-            None,
             &logger(),
             stop.clone(),
         )
         .expect("start raft");
+        let router = handle.peer_router.clone();
+        let network_stop = handle.network_stop.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(network_stop.cancelled_owned())
+                .await
+        });
         RawTestNode {
             dir: cfg.snap_dir(),
             cfg,
