@@ -891,3 +891,217 @@ impl Cluster {
         agreed_leader(&statuses)
     }
 }
+
+// ----- Fault-injection helpers (scenario tests; the daemon must be built with the cargo
+// ----- feature `fault-injection`, which `cargo test --all-features` does): a fault-rule file
+// ----- per node, partitions, and convergence of the replicas.
+
+/// Name of the fault-rule file in a node's data dir (format: `src/faults.rs`).
+const FAULT_FILE: &str = "faults";
+
+/// What the daemon logs each time it loads a changed fault-rule file.
+const FAULTS_LOADED: &str = "fault rules changed";
+
+/// How long [`wait_converged`] waits: catching up after a partition or a crash can take a
+/// snapshot transfer, on a machine shared with other test runs.
+pub const CONVERGE_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Node {
+    /// Path of this node's fault-rule file, `<data-dir>/faults`.
+    pub fn fault_file(&self) -> PathBuf {
+        self.dir.path().join(FAULT_FILE)
+    }
+
+    /// Gives this node an empty fault-rule file (no faults) and adds `--fault-file` to its
+    /// `base_args`, so that every later start, restarts included, follows that file.
+    pub fn enable_fault_file(&mut self) {
+        let path = self.fault_file();
+        if !path.exists() {
+            std::fs::write(&path, b"").expect("create the node's fault-rule file");
+        }
+        if !self.base_args.iter().any(|a| a == "--fault-file") {
+            self.base_args.push("--fault-file".into());
+            self.base_args.push(path.display().to_string());
+        }
+    }
+
+    /// The peers this node's fault file drops messages to (`drop <id>` lines).
+    pub fn dropped_peers(&self) -> std::collections::BTreeSet<u64> {
+        std::fs::read_to_string(self.fault_file())
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.strip_prefix("drop "))
+            .filter_map(|id| id.trim().parse().ok())
+            .collect()
+    }
+}
+
+impl Cluster {
+    /// Like [`Cluster::new`], but every node has a fault-rule file (empty: no faults) and
+    /// starts with `--fault-file` pointing at it; see [`Cluster::isolate`], [`Cluster::cut`],
+    /// [`Cluster::heal`].
+    pub fn new_with_faults(n: usize, args: &[&str]) -> Cluster {
+        let mut cluster = Cluster::new(n, args);
+        for node in &mut cluster.nodes {
+            node.enable_fault_file();
+        }
+        cluster
+    }
+
+    /// Like [`Cluster::start_with`], with a fault-rule file per node ([`Cluster::new_with_faults`]).
+    pub fn start_with_faults(n: usize, args: &[&str]) -> Cluster {
+        let mut cluster = Cluster::new_with_faults(n, args);
+        for node in &mut cluster.nodes {
+            node.start(&[]);
+        }
+        cluster
+    }
+
+    /// [`Cluster::add_node`] with a fault-rule file for the new node (nothing is started).
+    pub fn add_node_with_faults(&mut self) -> u64 {
+        let id = self.add_node();
+        self.node_mut(id).enable_fault_file();
+        id
+    }
+
+    /// Replaces node `id`'s fault rules with `text` (write a temporary file, then rename it
+    /// over the old one, so the node never reads half a file). If the node is running, waits
+    /// until its log says it loaded a changed rule file (it re-reads every 50 ms), so that
+    /// the rules are in force when this returns.
+    ///
+    /// # Panics
+    /// If the file cannot be written, or a running node does not load it within [`TIMEOUT`].
+    pub async fn set_faults(&self, id: u64, text: &str) {
+        let node = self.node(id);
+        let path = node.fault_file();
+        let tmp = node.dir.path().join(format!("{FAULT_FILE}.tmp"));
+        let write = || {
+            std::fs::write(&tmp, text.as_bytes()).expect("write the temporary fault-rule file");
+            std::fs::rename(&tmp, &path).expect("rename the fault-rule file into place");
+        };
+        let offset = node.log_len();
+        write();
+        if !node.is_started() {
+            return;
+        }
+        let deadline = Instant::now() + TIMEOUT;
+        let mut rewrite_at = Instant::now() + Duration::from_secs(2);
+        loop {
+            if node.log_since(offset).contains(FAULTS_LOADED) {
+                return;
+            }
+            let now = Instant::now();
+            assert!(
+                now < deadline,
+                "node {id} did not load its new fault rules {text:?} within {TIMEOUT:?}"
+            );
+            if now >= rewrite_at {
+                // The node notices a change by (mtime, length); a rewrite within the same
+                // coarse timestamp tick with the same length would go unnoticed: write again.
+                write();
+                rewrite_at = now + Duration::from_secs(2);
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// Makes node `id` drop what it sends to each of `peers` (and nothing else).
+    pub async fn set_dropped(&self, id: u64, peers: &std::collections::BTreeSet<u64>) {
+        let text: String = peers.iter().map(|p| format!("drop {p}\n")).collect();
+        self.set_faults(id, &text).await;
+    }
+
+    /// Cuts the link between `a` and `b` both ways (each drops what it sends to the other),
+    /// keeping the other rules. In force when this returns (see [`Cluster::set_faults`]).
+    pub async fn cut(&self, a: u64, b: u64) {
+        for (from, to) in [(a, b), (b, a)] {
+            let mut dropped = self.node(from).dropped_peers();
+            if dropped.insert(to) {
+                self.set_dropped(from, &dropped).await;
+            }
+        }
+    }
+
+    /// Partitions node `id` from every other node of the cluster (started or not).
+    pub async fn isolate(&self, id: u64) {
+        let others: Vec<u64> = self
+            .nodes
+            .iter()
+            .map(|n| n.id)
+            .filter(|n| *n != id)
+            .collect();
+        for other in others {
+            self.cut(id, other).await;
+        }
+    }
+
+    /// Removes every fault rule of every node; in force when this returns.
+    pub async fn heal(&self) {
+        for node in &self.nodes {
+            let has_rules = std::fs::read_to_string(node.fault_file())
+                .is_ok_and(|t| t.lines().any(|l| !l.trim().is_empty()));
+            if has_rules {
+                self.set_faults(node.id, "").await;
+            }
+        }
+    }
+}
+
+/// The state that [`wait_converged`] found every listed node in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Converged {
+    pub commit: u64,
+    pub kv_applied: u64,
+    pub kv_hash: String,
+}
+
+/// `(commit, kv_applied, kv_hash)` of one `/status` answer.
+fn convergence_point(status: &serde_json::Value) -> Option<Converged> {
+    Some(Converged {
+        commit: status.get("commit")?.as_u64()?,
+        kv_applied: status.get("kv_applied")?.as_u64()?,
+        kv_hash: status.get("kv_hash")?.as_str()?.to_string(),
+    })
+}
+
+/// Polls `GET /status` on nodes `ids` until they all report the same commit index, have
+/// applied it to their map (`kv_applied == commit`), and report the same `kv_hash`: their
+/// maps are then identical. Call it once writes have stopped. Returns that common state.
+///
+/// # Panics
+/// After [`CONVERGE_TIMEOUT`], with the last statuses seen.
+pub async fn wait_converged(cluster: &Cluster, ids: &[u64]) -> Converged {
+    assert!(!ids.is_empty(), "wait_converged: no node listed");
+    let deadline = Instant::now() + CONVERGE_TIMEOUT;
+    loop {
+        let mut statuses = Vec::new();
+        for &id in ids {
+            statuses.push((id, status(&cluster.node(id).peer_url).await));
+        }
+        let points: Option<Vec<Converged>> = statuses
+            .iter()
+            .map(|(_, s)| s.as_ref().and_then(convergence_point))
+            .collect();
+        if let Some(points) = points {
+            let first = &points[0];
+            if first.kv_applied == first.commit && points.iter().all(|p| p == first) {
+                return first.clone();
+            }
+        }
+        if Instant::now() >= deadline {
+            let seen: Vec<String> = statuses
+                .iter()
+                .map(|(id, s)| match s {
+                    Some(v) => format!("node {id}: {v}"),
+                    None => format!("node {id}: unreachable"),
+                })
+                .collect();
+            panic!(
+                "nodes {ids:?} did not converge (same commit, kv_applied == commit, same \
+                 kv_hash) within {CONVERGE_TIMEOUT:?}; last statuses:\n{}",
+                seen.join("\n")
+            );
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
