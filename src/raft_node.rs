@@ -418,7 +418,13 @@ impl RaftNode {
             self.drain(&mut inp, &mut persisted_rx)?;
             self.reads.flush(&mut self.node);
             while self.node.has_ready() && self.exit.is_none() {
-                self.on_ready().await?;
+                if let Err(e) = self.on_ready().await {
+                    // A failed submit means the writer stopped; its own error says why.
+                    while let Ok(p) = persisted_rx.try_recv() {
+                        p.map_err(writer_error)?;
+                    }
+                    return Err(e);
+                }
             }
             self.publish_status();
             if self.exit.is_some() {

@@ -69,10 +69,12 @@ impl Writer {
         let thread = std::thread::Builder::new()
             .name("wal".into())
             .spawn(move || {
-                if let Err(e) = run(wal, &snap_dir, rx, &done_tx, &logger) {
+                if let Err(e) = run(wal, &snap_dir, &rx, &done_tx, &logger) {
                     slog::crit!(logger, "WAL writer stopped"; "error" => %e);
                     let _ = done_tx.send(Err(e));
                 }
+                // Only now may `submit` fail: the error is already on the done channel.
+                drop(rx);
             })?;
         Ok(Writer {
             tx: Some(tx),
@@ -103,7 +105,7 @@ impl Drop for Writer {
 fn run(
     mut wal: Wal,
     snap_dir: &std::path::Path,
-    rx: std_mpsc::Receiver<Job>,
+    rx: &std_mpsc::Receiver<Job>,
     done_tx: &mpsc::UnboundedSender<Result<Persisted, WriterError>>,
     logger: &slog::Logger,
 ) -> Result<(), WriterError> {
