@@ -964,86 +964,121 @@ impl Cluster {
         id
     }
 
-    /// Replaces node `id`'s fault rules with `text` (write a temporary file, then rename it
-    /// over the old one, so the node never reads half a file). If the node is running, waits
-    /// until its log says it loaded a changed rule file (it re-reads every 50 ms), so that
-    /// the rules are in force when this returns.
+    /// Replaces node `id`'s fault rules with `text`; in force when this returns. See
+    /// [`Cluster::set_fault_files`].
+    pub async fn set_faults(&self, id: u64, text: &str) {
+        self.set_fault_files(&[(id, text.to_string())]).await;
+    }
+
+    /// Replaces the fault rules of several nodes at once: writes every file first (a temporary
+    /// file renamed over the old one, so a node never reads half a file), then waits until
+    /// each running node's log says it loaded a changed rule file (nodes re-read theirs every
+    /// 50 ms), so the rules are in force when this returns. A node that is not running reads
+    /// its file when it starts.
     ///
     /// # Panics
-    /// If the file cannot be written, or a running node does not load it within [`TIMEOUT`].
-    pub async fn set_faults(&self, id: u64, text: &str) {
-        let node = self.node(id);
-        let path = node.fault_file();
-        let tmp = node.dir.path().join(format!("{FAULT_FILE}.tmp"));
-        let write = || {
+    /// If a file cannot be written, or a running node does not load it within [`TIMEOUT`].
+    pub async fn set_fault_files(&self, files: &[(u64, String)]) {
+        let write = |node: &Node, text: &str| {
+            let tmp = node.dir.path().join(format!("{FAULT_FILE}.tmp"));
             std::fs::write(&tmp, text.as_bytes()).expect("write the temporary fault-rule file");
-            std::fs::rename(&tmp, &path).expect("rename the fault-rule file into place");
+            std::fs::rename(&tmp, node.fault_file())
+                .expect("rename the fault-rule file into place");
         };
-        let offset = node.log_len();
-        write();
-        if !node.is_started() {
-            return;
+        let mut pending: Vec<(&Node, &str, usize)> = Vec::new();
+        for (id, text) in files {
+            let node = self.node(*id);
+            let offset = node.log_len();
+            write(node, text);
+            if node.is_started() {
+                pending.push((node, text, offset));
+            }
         }
         let deadline = Instant::now() + TIMEOUT;
         let mut rewrite_at = Instant::now() + Duration::from_secs(2);
-        loop {
-            if node.log_since(offset).contains(FAULTS_LOADED) {
+        while !pending.is_empty() {
+            pending.retain(|(node, _, offset)| !node.log_since(*offset).contains(FAULTS_LOADED));
+            let Some((node, text, _)) = pending.first() else {
                 return;
-            }
+            };
             let now = Instant::now();
             assert!(
                 now < deadline,
-                "node {id} did not load its new fault rules {text:?} within {TIMEOUT:?}"
+                "node {} did not load its new fault rules {text:?} within {TIMEOUT:?}",
+                node.id
             );
             if now >= rewrite_at {
-                // The node notices a change by (mtime, length); a rewrite within the same
-                // coarse timestamp tick with the same length would go unnoticed: write again.
-                write();
+                // A node notices a change by (mtime, length); a rewrite within the same coarse
+                // timestamp tick with the same length would go unnoticed: write again.
+                for (node, text, _) in &pending {
+                    write(node, text);
+                }
                 rewrite_at = now + Duration::from_secs(2);
             }
             tokio::time::sleep(POLL_INTERVAL).await;
         }
     }
 
+    /// The text of a fault file that drops what is sent to each of `peers`.
+    fn drop_rules(peers: &std::collections::BTreeSet<u64>) -> String {
+        peers.iter().map(|p| format!("drop {p}\n")).collect()
+    }
+
     /// Makes node `id` drop what it sends to each of `peers` (and nothing else).
     pub async fn set_dropped(&self, id: u64, peers: &std::collections::BTreeSet<u64>) {
-        let text: String = peers.iter().map(|p| format!("drop {p}\n")).collect();
-        self.set_faults(id, &text).await;
+        self.set_faults(id, &Cluster::drop_rules(peers)).await;
+    }
+
+    /// Adds `drop` rules (`(from, to)`: `from` drops what it sends to `to`) to the current
+    /// ones, all at once.
+    async fn add_drops(&self, links: &[(u64, u64)]) {
+        let mut dropped: std::collections::BTreeMap<u64, std::collections::BTreeSet<u64>> =
+            std::collections::BTreeMap::new();
+        for &(from, to) in links {
+            dropped
+                .entry(from)
+                .or_insert_with(|| self.node(from).dropped_peers())
+                .insert(to);
+        }
+        let files: Vec<(u64, String)> = dropped
+            .iter()
+            .filter(|(id, peers)| **peers != self.node(**id).dropped_peers())
+            .map(|(id, peers)| (*id, Cluster::drop_rules(peers)))
+            .collect();
+        self.set_fault_files(&files).await;
     }
 
     /// Cuts the link between `a` and `b` both ways (each drops what it sends to the other),
-    /// keeping the other rules. In force when this returns (see [`Cluster::set_faults`]).
+    /// keeping the other rules. In force when this returns (see [`Cluster::set_fault_files`]).
     pub async fn cut(&self, a: u64, b: u64) {
-        for (from, to) in [(a, b), (b, a)] {
-            let mut dropped = self.node(from).dropped_peers();
-            if dropped.insert(to) {
-                self.set_dropped(from, &dropped).await;
-            }
-        }
+        self.add_drops(&[(a, b), (b, a)]).await;
     }
 
-    /// Partitions node `id` from every other node of the cluster (started or not).
+    /// Partitions node `id` from every other node of the cluster (started or not), all links
+    /// at once. In force when this returns.
     pub async fn isolate(&self, id: u64) {
-        let others: Vec<u64> = self
+        let links: Vec<(u64, u64)> = self
             .nodes
             .iter()
             .map(|n| n.id)
             .filter(|n| *n != id)
+            .flat_map(|other| [(id, other), (other, id)])
             .collect();
-        for other in others {
-            self.cut(id, other).await;
-        }
+        self.add_drops(&links).await;
     }
 
-    /// Removes every fault rule of every node; in force when this returns.
+    /// Removes every fault rule of every node, all at once; in force when this returns.
     pub async fn heal(&self) {
-        for node in &self.nodes {
-            let has_rules = std::fs::read_to_string(node.fault_file())
-                .is_ok_and(|t| t.lines().any(|l| !l.trim().is_empty()));
-            if has_rules {
-                self.set_faults(node.id, "").await;
-            }
-        }
+        let files: Vec<(u64, String)> = self
+            .nodes
+            .iter()
+            .filter(|node| {
+                std::fs::read_to_string(node.fault_file())
+                    .is_ok_and(|t| t.lines().any(|l| !l.trim().is_empty()))
+            })
+            .map(|node| (node.id, String::new()))
+            .collect();
+        self.set_fault_files(&files).await;
     }
 }
 
