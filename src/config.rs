@@ -21,8 +21,9 @@ pub struct Config {
     #[arg(long, default_value_t = 1)]
     pub id: u64,
 
-    /// Comma-separated peer URLs (http://host:port, no path) of every member; the node serves the
-    /// raft transport and /status on its own entry.
+    /// Comma-separated peer URLs (http://host:port, or https://host:port with the peer TLS
+    /// flags; no path) of every member; the node serves the raft transport and /status on its
+    /// own entry.
     #[arg(long, default_value = "http://127.0.0.1:9021")]
     pub cluster: String,
 
@@ -66,6 +67,56 @@ pub struct Config {
     #[arg(long, default_value_t = 5)]
     pub max_snapshots: usize,
 
+    /// Name of the cluster, sent by peers in the X-Raftexample-Cluster header; peer requests
+    /// carrying another (or none) get 412. Not a secret: it keeps two clusters from mixing.
+    #[arg(long, default_value = DEFAULT_CLUSTER_TOKEN)]
+    pub cluster_token: String,
+
+    /// Certificate (PEM) of the client API: with --key-file, --port serves HTTPS.
+    #[arg(long, requires = "key_file")]
+    pub cert_file: Option<PathBuf>,
+
+    /// Private key (PEM) for --cert-file.
+    #[arg(long, requires = "cert_file")]
+    pub key_file: Option<PathBuf>,
+
+    /// CA certificates (PEM) that sign client certificates; used with --client-cert-auth.
+    #[arg(long, requires = "client_cert_auth")]
+    pub trusted_ca_file: Option<PathBuf>,
+
+    /// Serve only clients that present a certificate signed by --trusted-ca-file.
+    #[arg(long, requires_all = ["trusted_ca_file", "cert_file"])]
+    pub client_cert_auth: bool,
+
+    /// Certificate (PEM) this node presents to its peers, as server and as client; with
+    /// --peer-key-file and --peer-trusted-ca-file, peer URLs are https:// and mutually
+    /// authenticated.
+    #[arg(long, requires_all = ["peer_key_file", "peer_trusted_ca_file"])]
+    pub peer_cert_file: Option<PathBuf>,
+
+    /// Private key (PEM) for --peer-cert-file.
+    #[arg(long, requires_all = ["peer_cert_file", "peer_trusted_ca_file"])]
+    pub peer_key_file: Option<PathBuf>,
+
+    /// CA certificates (PEM) that must sign every peer's certificate.
+    #[arg(long, requires_all = ["peer_cert_file", "peer_key_file"])]
+    pub peer_trusted_ca_file: Option<PathBuf>,
+
+    /// Open connections served at once on each port (client and peer); further connections
+    /// wait in the kernel's backlog until one closes.
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections: usize,
+
+    /// Time a connection has to complete its TLS handshake and send a request's headers; an
+    /// idle keep-alive connection is closed after it too.
+    #[arg(long, default_value_t = 5000)]
+    pub header_timeout_ms: u64,
+
+    /// Time a request has to send its body once its headers are in, plus one second per MiB
+    /// its Content-Length announces (so large snapshots still get through); then 408.
+    #[arg(long, default_value_t = 10_000)]
+    pub body_timeout_ms: u64,
+
     /// Test hook: the WAL fails every write after this many bytes, as a full disk would.
     #[arg(long, hide = true)]
     pub wal_fail_after_bytes: Option<u64>,
@@ -94,7 +145,10 @@ pub enum Command {
     },
 }
 
-/// A member's peer URL, checked to be `http://host:port` with no path.
+/// `--cluster-token` when none is given.
+pub const DEFAULT_CLUSTER_TOKEN: &str = "raftexample-cluster";
+
+/// A member's peer URL, checked to be `http://host:port` or `https://host:port` with no path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerUrl {
     pub url: String,
@@ -103,12 +157,15 @@ pub struct PeerUrl {
 }
 
 impl PeerUrl {
+    /// Parses either scheme; [`Config::validate`] and the `POST /<id>` handler then check that
+    /// the scheme is the one the cluster uses (`https` exactly when peer TLS is configured).
     pub fn parse(s: &str) -> Result<PeerUrl> {
         let bad = |why: &str| Error::Config(format!("peer URL {s:?} {why}"));
         let uri: axum::http::Uri = s.parse().map_err(|_| bad("is not a URL"))?;
-        if uri.scheme_str() != Some("http") {
-            return Err(bad("must start with http://"));
-        }
+        let scheme = match uri.scheme_str() {
+            Some(scheme @ ("http" | "https")) => scheme,
+            _ => return Err(bad("must start with http:// or https://")),
+        };
         let auth = uri.authority().ok_or_else(|| bad("has no host"))?;
         if auth.port_u16().is_none() {
             return Err(bad("has no port"));
@@ -118,13 +175,26 @@ impl PeerUrl {
         }
         // `http::Uri` reports an absent path as "/", so check the text itself: raftexample's
         // transport rejects any path, a lone trailing "/" included.
-        if uri.path_and_query().is_some() && s.trim_end() != format!("http://{auth}") {
+        if uri.path_and_query().is_some() && s.trim_end() != format!("{scheme}://{auth}") {
             return Err(bad("must not have a path"));
         }
         Ok(PeerUrl {
-            url: format!("http://{auth}"),
+            url: format!("{scheme}://{auth}"),
             authority: auth.as_str().to_string(),
         })
+    }
+
+    pub fn is_https(&self) -> bool {
+        self.url.starts_with("https://")
+    }
+}
+
+/// The scheme peer URLs must have: `https` exactly when peer TLS is configured.
+pub fn peer_scheme(peer_tls: bool) -> &'static str {
+    if peer_tls {
+        "https"
+    } else {
+        "http"
     }
 }
 
@@ -159,7 +229,40 @@ impl Config {
         if self.max_snapshots == 0 {
             return Err(Error::Config("--max-snapshots must be at least 1".into()));
         }
+        let scheme = peer_scheme(self.peer_tls());
+        if let Some((_, url)) = peers.iter().find(|(_, u)| u.is_https() != self.peer_tls()) {
+            let why = if self.peer_tls() {
+                "--peer-cert-file is given"
+            } else {
+                "no --peer-cert-file is given"
+            };
+            return Err(Error::Config(format!(
+                "peer URL {} must start with {scheme}:// since {why}",
+                url.url
+            )));
+        }
+        if self.cluster_token.is_empty()
+            || axum::http::HeaderValue::from_str(&self.cluster_token).is_err()
+        {
+            return Err(Error::Config(
+                "--cluster-token must be non-empty visible ASCII (it is sent as a header)".into(),
+            ));
+        }
+        if self.max_connections == 0 {
+            return Err(Error::Config("--max-connections must be at least 1".into()));
+        }
+        if self.header_timeout_ms == 0 || self.body_timeout_ms == 0 {
+            return Err(Error::Config(
+                "--header-timeout-ms and --body-timeout-ms must be positive".into(),
+            ));
+        }
         Ok(())
+    }
+
+    /// Whether peers talk HTTPS with mutual authentication (clap makes the three peer TLS
+    /// flags come together).
+    pub fn peer_tls(&self) -> bool {
+        self.peer_cert_file.is_some()
     }
 
     pub fn own_url(&self) -> Result<PeerUrl> {
@@ -198,6 +301,14 @@ impl Config {
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms)
     }
+
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_timeout_ms)
+    }
+
+    pub fn body_timeout(&self) -> Duration {
+        Duration::from_millis(self.body_timeout_ms)
+    }
 }
 
 /// Resolves a `host:port` for binding, with a one-line error.
@@ -219,17 +330,85 @@ mod tests {
     #[test]
     fn peer_urls_are_checked() {
         assert!(PeerUrl::parse("http://127.0.0.1:12379").is_ok());
+        let https = PeerUrl::parse("https://127.0.0.1:12379").unwrap();
+        assert_eq!(https.url, "https://127.0.0.1:12379");
+        assert!(https.is_https());
         for bad in [
             "127.0.0.1:12379",
             "http://127.0.0.1",
             "http://127.0.0.1:1/",
             "http://127.0.0.1:1/x",
+            "https://127.0.0.1:1/",
+            "https://127.0.0.1",
             "ftp://127.0.0.1:1",
             "http://127.0.0.1:1?x=1",
             "",
         ] {
             assert!(PeerUrl::parse(bad).is_err(), "{bad} accepted");
         }
+    }
+
+    /// https:// peer URLs need the peer TLS flags, and the peer TLS flags need https:// URLs.
+    #[test]
+    fn peer_scheme_matches_peer_tls() {
+        let plain = ["raftexample", "--cluster", "http://a:1,http://b:2"];
+        assert!(Config::parse_from(plain).validate().is_ok());
+        let https = ["raftexample", "--cluster", "https://a:1,https://b:2"];
+        assert!(Config::parse_from(https).validate().is_err());
+        let tls = [
+            "--peer-cert-file",
+            "c.pem",
+            "--peer-key-file",
+            "k.pem",
+            "--peer-trusted-ca-file",
+            "ca.pem",
+        ];
+        let with_tls = |args: &[&str]| Config::parse_from(args.iter().chain(tls.iter()));
+        assert!(with_tls(&https).validate().is_ok());
+        assert!(with_tls(&plain).validate().is_err());
+        let mixed = ["raftexample", "--cluster", "https://a:1,http://b:2"];
+        assert!(with_tls(&mixed).validate().is_err());
+    }
+
+    /// TLS flags that only make sense together are refused apart.
+    #[test]
+    fn tls_flags_come_in_sets() {
+        let base = ["raftexample", "--cluster", "http://a:1"];
+        for extra in [
+            &["--cert-file", "c.pem"][..],
+            &["--key-file", "k.pem"],
+            &["--trusted-ca-file", "ca.pem"],
+            &["--client-cert-auth"],
+            &["--cert-file", "c", "--key-file", "k", "--client-cert-auth"],
+            &["--peer-cert-file", "c.pem", "--peer-key-file", "k.pem"],
+            &["--peer-trusted-ca-file", "ca.pem"],
+        ] {
+            let args = base.iter().chain(extra.iter());
+            assert!(Config::try_parse_from(args).is_err(), "{extra:?} accepted");
+        }
+        let ok = base.iter().chain(
+            [
+                "--cert-file",
+                "c",
+                "--key-file",
+                "k",
+                "--trusted-ca-file",
+                "ca",
+                "--client-cert-auth",
+            ]
+            .iter(),
+        );
+        assert!(Config::try_parse_from(ok).is_ok());
+    }
+
+    #[test]
+    fn cluster_token_must_be_a_header_value() {
+        let mut c = Config::parse_from(["raftexample", "--cluster", "http://a:1"]);
+        assert_eq!(c.cluster_token, DEFAULT_CLUSTER_TOKEN);
+        c.cluster_token = "line\nbreak".into();
+        assert!(c.validate().is_err());
+        c.cluster_token = String::new();
+        assert!(c.validate().is_err());
     }
 
     #[test]

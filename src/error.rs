@@ -25,6 +25,8 @@ pub enum Error {
     Wal(#[from] crate::wal::Error),
     #[error(transparent)]
     Snap(#[from] crate::snap::Error),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::Error),
     #[error("raft: {0}")]
     Raft(#[from] raft::Error),
     #[error("recovery: {0}")]

@@ -17,8 +17,9 @@ use raft::prelude::{ConfChange, ConfChangeType};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::config::PeerUrl;
+use crate::config::{peer_scheme, PeerUrl};
 use crate::kvstore::{KvStore, PutError};
+use crate::peer_client::PeerClient;
 use crate::raft_node::{ConfChangeError, ConfChangeRequest, NodeStatus, ReadRequest};
 
 /// Why a client request failed; each maps to one status code and one line of text.
@@ -69,17 +70,9 @@ pub struct ApiState {
     pub conf_change_tx: mpsc::Sender<ConfChangeRequest>,
     pub read_tx: mpsc::Sender<ReadRequest>,
     pub timeout: Duration,
-    /// Forwards membership changes to the leader's peer listener.
-    pub peers: reqwest::Client,
-}
-
-/// The HTTP client for requests forwarded to other members.
-pub fn peer_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .connect_timeout(Duration::from_secs(1))
-        .build()
-        .expect("a plain-HTTP client with no TLS always builds")
+    /// Forwards membership changes to the leader's peer listener, with the transport's
+    /// cluster token and TLS settings.
+    pub peers: PeerClient,
 }
 
 /// `POST /conf-change` on the peer listener: a membership change forwarded by a follower,
@@ -132,11 +125,17 @@ async fn handle(
         }
         Method::POST => {
             let id = parse_node_id(uri.path())?;
+            // A member with the other scheme could never be reached: peers speak HTTPS exactly
+            // when peer TLS is configured.
+            let scheme = peer_scheme(st.peers.is_tls());
             let url = std::str::from_utf8(&body)
                 .ok()
                 .and_then(|s| PeerUrl::parse(s.trim()).ok())
+                .filter(|u| u.is_https() == st.peers.is_tls())
                 .ok_or_else(|| {
-                    ApiError::BadRequest("body must be the new member's http://host:port".into())
+                    ApiError::BadRequest(format!(
+                        "body must be the new member's {scheme}://host:port"
+                    ))
                 })?;
             let mut cc = ConfChange::default();
             cc.set_change_type(ConfChangeType::AddNode);
@@ -239,17 +238,11 @@ async fn forward(
     deadline: Instant,
 ) -> Result<Response, ApiError> {
     let remaining = deadline.saturating_duration_since(Instant::now());
-    let res = st
+    let (status, text) = st
         .peers
-        .post(format!("{leader_url}/conf-change"))
-        .timeout(remaining)
-        .body(body)
-        .send()
-        .await;
-    let unknown = || ApiError::Unavailable("outcome unknown: the leader did not answer".into());
-    let res = res.map_err(|_| unknown())?;
-    let status = StatusCode::from_u16(res.status().as_u16()).map_err(|_| unknown())?;
-    let text = res.bytes().await.map_err(|_| unknown())?;
+        .post(&format!("{leader_url}/conf-change"), &[], body, remaining)
+        .await
+        .map_err(|_| ApiError::Unavailable("outcome unknown: the leader did not answer".into()))?;
     Ok((status, text).into_response())
 }
 

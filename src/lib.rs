@@ -11,8 +11,10 @@
 //! * [`kvstore`]: the map, PUT proposals and their waiters, the apply task.
 //! * [`raft_node`]: the Ready loop; the only owner of `RawNode`, [`wal`] and [`snap`].
 //! * [`storage`]: the in-memory raft log (etcd's MemoryStorage semantics).
-//! * [`transport`]: `POST /raft` in and per-peer batching senders out.
+//! * [`transport`]: `POST /raft` in and per-peer batching senders out, with the cluster token.
 //! * [`http_api`]: the client routes and `/status`, `/health`, `/metrics`.
+//! * [`server`]: the accept loop of both ports (connection cap, header and body timeouts,
+//!   TLS); [`tls`] builds its rustls configs, [`peer_client`] the client that talks to peers.
 //!
 //! [`run`] wires them together; one [`CancellationToken`] stops the daemon.
 
@@ -24,14 +26,16 @@ pub mod faults;
 pub mod http_api;
 pub mod kvstore;
 pub mod metrics;
+pub mod peer_client;
 pub mod raft_node;
+pub mod server;
 pub mod snap;
 pub mod storage;
+pub mod tls;
 pub mod transport;
 pub mod wal;
 
 use std::collections::HashSet;
-use std::future::IntoFuture;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -63,6 +67,8 @@ pub struct RaftHandle {
     /// Cancelled once the raft loop has stopped: the peer listener and the senders outlive it,
     /// so that a stopping leader can still hand over.
     pub network_stop: CancellationToken,
+    /// What the transport sends with (cluster token, peer TLS), for other requests to peers.
+    pub peer_client: peer_client::PeerClient,
 }
 
 /// Starts the raft thread. It replays the snapshot and WAL first; the snapshot it restores is
@@ -76,6 +82,9 @@ pub fn start_raft(
     logger: &slog::Logger,
     stop: CancellationToken,
 ) -> Result<RaftHandle> {
+    let peer_client = peer_client::PeerClient::from_config(cfg)?;
+    // The token this node sends is the one it requires.
+    let cluster_token = peer_client.cluster_token();
     let (raft_msg_tx, raft_msg_rx) = mpsc::channel(CHANNEL);
     let (report_tx, report_rx) = mpsc::unbounded_channel();
     let (commit_tx, commit_rx) = mpsc::channel(256);
@@ -106,6 +115,7 @@ pub fn start_raft(
         let cfg = cfg.clone();
         let logger = logger.clone();
         let network_stop = network_stop.clone();
+        let client = peer_client.clone();
         std::thread::Builder::new()
             .name(format!("raft-{}", cfg.id))
             .spawn(move || {
@@ -117,10 +127,10 @@ pub fn start_raft(
                         source: e,
                     })
                     .and_then(|rt| {
-                        rt.block_on(async {
+                        rt.block_on(transport::with_peer_client(client, async {
                             let node = RaftNode::recover(&cfg, &shared, get_snapshot, &logger)?;
                             node.run(inputs, stop).await
-                        })
+                        }))
                     });
                 // `shared` (with the commit sender) drops here, which ends the apply task.
                 drop(shared);
@@ -136,6 +146,7 @@ pub fn start_raft(
     let peer_router = transport::router(transport::PeerState {
         raft_msg_tx,
         removed,
+        cluster_token,
         logger: logger.new(slog::o!("component" => "peer-http")),
     });
     Ok(RaftHandle {
@@ -144,6 +155,7 @@ pub fn start_raft(
         status,
         peer_router,
         network_stop,
+        peer_client,
     })
 }
 
@@ -158,6 +170,10 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<Exit> {
     cfg.validate()?;
+    // Certificate files are read before anything starts, so that a bad one is a clean error.
+    let client_tls = tls::client_api_server(&cfg)?;
+    let peer_tls = tls::peer_server(&cfg)?;
+    let limits = server::Limits::from_config(&cfg);
     let (propose_tx, propose_rx) = mpsc::channel(CHANNEL);
     let (conf_change_tx, conf_change_rx) = mpsc::channel(16);
     let (read_tx, read_rx) = mpsc::channel(CHANNEL);
@@ -171,6 +187,7 @@ pub async fn run(
         status,
         peer_router,
         network_stop,
+        peer_client,
     } = start_raft(
         &cfg,
         Box::new(move || snap_kv.snapshot()),
@@ -186,7 +203,7 @@ pub async fn run(
         conf_change_tx,
         read_tx,
         timeout: cfg.request_timeout(),
-        peers: http_api::peer_client(),
+        peers: peer_client,
     };
     let digest_kv = kv.clone();
     let peer_router = peer_router
@@ -194,20 +211,33 @@ pub async fn run(
             status,
             Some(Arc::new(move || digest_kv.digest())),
         ))
-        .merge(http_api::forwarded_router(api.clone()));
-    let peer_server = tokio::spawn(
-        axum::serve(peer_listener, peer_router)
-            .with_graceful_shutdown(network_stop.cancelled_owned())
-            .into_future(),
-    );
+        .merge(transport::require_cluster_token(
+            http_api::forwarded_router(api.clone()),
+            api.peers.cluster_token(),
+            &logger,
+        ));
+    let peer_server = tokio::spawn(server::serve(
+        peer_listener,
+        peer_router,
+        peer_tls,
+        limits,
+        network_stop.clone(),
+        logger.new(slog::o!("listener" => "peer")),
+    ));
     let apply_task = tokio::spawn(kv.run_apply(commit_rx));
     let client_router = http_api::client_router(api, cfg.max_request_bytes);
-    let client_server = tokio::spawn(
-        axum::serve(client_listener, client_router)
-            .with_graceful_shutdown(client_stop.clone().cancelled_owned())
-            .into_future(),
-    );
-    slog::info!(logger, "serving"; "peer" => cfg.own_url()?.url, "client" => cfg.client_addr()?);
+    let https = client_tls.is_some();
+    let client_server = tokio::spawn(server::serve(
+        client_listener,
+        client_router,
+        client_tls,
+        limits,
+        client_stop.clone(),
+        logger.new(slog::o!("listener" => "client")),
+    ));
+    slog::info!(logger, "serving"; "peer" => cfg.own_url()?.url, "client" => cfg.client_addr()?,
+        "client_tls" => https, "client_cert_auth" => cfg.client_cert_auth,
+        "max_connections" => cfg.max_connections);
 
     let result = tokio::select! {
         res = &mut error_rx => res,

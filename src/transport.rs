@@ -1,4 +1,4 @@
-//! Peer transport over HTTP: `POST /raft` on each node's peer URL carries a batch of
+//! Peer transport over HTTP(S): `POST /raft` on each node's peer URL carries a batch of
 //! length-delimited protobuf raft messages.
 //!
 //! Outgoing: the raft task calls [`Transport::send`], which never blocks: each peer has a
@@ -6,14 +6,21 @@
 //! Failures come back to the raft task on `report_tx` ([`Report`]) so it can call
 //! `report_unreachable` / `report_snapshot`. Incoming: the `/raft` handler decodes a batch and
 //! forwards it on `raft_msg_tx`; a message from a removed member gets 410 Gone.
+//!
+//! Every request carries the cluster token (`X-Raftexample-Cluster`); a request without this
+//! node's token gets 412 before its body is read ([`require_cluster_token`]). With peer TLS,
+//! the [`PeerClient`] speaks HTTPS with a client certificate and the listener requires one.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::StatusCode;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
 use protobuf::{CodedInputStream, Message as _};
@@ -21,6 +28,9 @@ use raft::prelude::{Message, MessageType};
 use raft::SnapshotStatus;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+use crate::peer_client::{PeerClient, PeerError, CLUSTER_HEADER};
+use crate::server::Throttle;
 
 /// Queue length per peer; beyond it messages are dropped (raft retransmits).
 const PEER_QUEUE: usize = 4096;
@@ -44,7 +54,7 @@ pub enum Error {
     Send {
         peer: u64,
         #[source]
-        source: reqwest::Error,
+        source: PeerError,
     },
     #[error("peer {peer} answered {status}")]
     Status { peer: u64, status: StatusCode },
@@ -69,6 +79,19 @@ pub fn decode_batch(buf: &[u8]) -> Result<Vec<Message>, Error> {
     Ok(msgs)
 }
 
+tokio::task_local! {
+    /// The client that [`Transport::new`] uses, set by whoever starts the raft task (see
+    /// [`with_peer_client`]).
+    static PEER_CLIENT: PeerClient;
+}
+
+/// Runs `f` (the raft task) so that any [`Transport`] it creates sends with `client`: the
+/// cluster token and TLS settings reach the transport this way because the raft task builds
+/// it from arguments that do not include them.
+pub async fn with_peer_client<F: Future>(client: PeerClient, f: F) -> F::Output {
+    PEER_CLIENT.scope(client, f).await
+}
+
 struct Peer {
     url: String,
     tx: mpsc::Sender<Message>,
@@ -78,7 +101,7 @@ struct Peer {
 /// The raft task's handle on the per-peer sender tasks. Owned by the raft task alone.
 pub struct Transport {
     id: u64,
-    client: reqwest::Client,
+    client: PeerClient,
     peers: HashMap<u64, Peer>,
     report_tx: mpsc::UnboundedSender<Report>,
     /// Spawns sender tasks on the multi-threaded runtime, not on the raft thread's own runtime.
@@ -97,13 +120,14 @@ impl Transport {
         shutdown: CancellationToken,
         logger: &slog::Logger,
     ) -> Transport {
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .connect_timeout(Duration::from_secs(1))
-            .pool_idle_timeout(Duration::from_secs(90))
-            .tcp_nodelay(true)
-            .build()
-            .expect("a plain-HTTP client with no TLS always builds");
+        // Outside `with_peer_client` (a raft task started by hand): plain HTTP with the default
+        // token, what a node without the security flags sends.
+        let client = PEER_CLIENT.try_with(PeerClient::clone).unwrap_or_else(|_| {
+            PeerClient::new(
+                HeaderValue::from_static(crate::config::DEFAULT_CLUSTER_TOKEN),
+                None,
+            )
+        });
         Transport {
             id,
             client,
@@ -141,6 +165,7 @@ impl Transport {
             endpoint: format!("{url}/raft"),
             client: self.client.clone(),
             report_tx: self.report_tx.clone(),
+            token_rejected: false,
             #[cfg(feature = "fault-injection")]
             faults: self.faults.clone(),
             logger: self.logger.new(slog::o!("peer" => id)),
@@ -197,15 +222,17 @@ struct PeerSender {
     from: u64,
     to: u64,
     endpoint: String,
-    client: reqwest::Client,
+    client: PeerClient,
     report_tx: mpsc::UnboundedSender<Report>,
+    /// Set while the peer answers 412, so that a token mismatch is logged once, not per batch.
+    token_rejected: bool,
     #[cfg(feature = "fault-injection")]
     faults: Option<Arc<crate::faults::Faults>>,
     logger: slog::Logger,
 }
 
 impl PeerSender {
-    async fn run(self, mut rx: mpsc::Receiver<Message>, stop: CancellationToken) {
+    async fn run(mut self, mut rx: mpsc::Receiver<Message>, stop: CancellationToken) {
         let mut batch = Vec::new();
         loop {
             let first = tokio::select! {
@@ -224,7 +251,7 @@ impl PeerSender {
     }
 
     /// Sends one batch; on failure reports the peer unreachable and any snapshot failed.
-    async fn post(&self, batch: &mut Vec<Message>) {
+    async fn post(&mut self, batch: &mut Vec<Message>) {
         let snaps: Vec<u64> = batch
             .iter()
             .filter(|m| m.get_msg_type() == MessageType::MsgSnapshot)
@@ -257,27 +284,38 @@ impl PeerSender {
         }
         // A snapshot can be large; give it time proportional to its size.
         let timeout = Duration::from_secs(5) + Duration::from_millis(size as u64 / 10_000);
+        let headers = [
+            (
+                "content-type",
+                HeaderValue::from_static("application/x-protobuf"),
+            ),
+            ("x-raftexample-from", HeaderValue::from(self.from)),
+        ];
         let res = self
             .client
-            .post(&self.endpoint)
-            .header("content-type", "application/x-protobuf")
-            .header("x-raftexample-from", self.from)
-            .timeout(timeout)
-            .body(body)
-            .send()
+            .post(&self.endpoint, &headers, body, timeout)
             .await;
+        let rejected = matches!(&res, Ok((StatusCode::PRECONDITION_FAILED, _)));
+        if rejected && !self.token_rejected {
+            slog::warn!(
+                self.logger,
+                "peer rejects this node's cluster token (412): is \
+                --cluster-token the same on every member?"
+            );
+        }
+        self.token_rejected = rejected;
         let outcome = match res {
-            Ok(r) if r.status().is_success() => Ok(()),
-            Ok(r) if r.status() == StatusCode::GONE => {
+            Ok((status, _)) if status.is_success() => Ok(()),
+            Ok((status, _)) if status == StatusCode::GONE => {
                 let _ = self.report_tx.send(Report::Removed);
                 Err(Error::Status {
                     peer: self.to,
-                    status: r.status(),
+                    status,
                 })
             }
-            Ok(r) => Err(Error::Status {
+            Ok((status, _)) => Err(Error::Status {
                 peer: self.to,
-                status: r.status(),
+                status,
             }),
             Err(e) => Err(Error::Send {
                 peer: self.to,
@@ -307,15 +345,61 @@ pub struct PeerState {
     pub raft_msg_tx: mpsc::Sender<Message>,
     /// Members removed from the cluster; their messages get 410 Gone.
     pub removed: Arc<RwLock<HashSet<u64>>>,
+    /// `--cluster-token`: requests without it get 412.
+    pub cluster_token: HeaderValue,
     pub logger: slog::Logger,
 }
 
 /// The `POST /raft` route. Snapshots can exceed axum's 2 MiB default body limit, hence none.
 pub fn router(state: PeerState) -> Router {
-    Router::new()
+    let token = state.cluster_token.clone();
+    let logger = state.logger.clone();
+    let router = Router::new()
         .route("/raft", post(receive))
         .layer(DefaultBodyLimit::disable())
-        .with_state(state)
+        .with_state(state);
+    require_cluster_token(router, token, &logger)
+}
+
+#[derive(Clone)]
+struct TokenCheck {
+    token: HeaderValue,
+    /// A misconfigured peer retries many times a second: log its mismatch now and then.
+    warn: Arc<Throttle>,
+    logger: slog::Logger,
+}
+
+/// Answers 412 to any request on `router`'s routes that does not carry `token` in
+/// `X-Raftexample-Cluster`, before its body is read, so its messages never reach raft.
+/// Routes added to the returned router later are not checked (`/status` and friends).
+pub fn require_cluster_token(router: Router, token: HeaderValue, logger: &slog::Logger) -> Router {
+    let check = TokenCheck {
+        token,
+        warn: Arc::new(Throttle::new(Duration::from_secs(10))),
+        logger: logger.clone(),
+    };
+    router.route_layer(axum::middleware::from_fn_with_state(check, check_token))
+}
+
+async fn check_token(State(check): State<TokenCheck>, req: Request, next: Next) -> Response {
+    // The token names a cluster, it is not a password (TLS authenticates peers), so a plain
+    // comparison will do.
+    let got = req.headers().get(CLUSTER_HEADER);
+    if got == Some(&check.token) {
+        return next.run(req).await;
+    }
+    if check.warn.ready() {
+        slog::warn!(check.logger, "rejected peer request with another cluster token";
+            "path" => req.uri().path(),
+            "token" => got.map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
+            "from" => req.headers().get("x-raftexample-from")
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()));
+    }
+    (
+        StatusCode::PRECONDITION_FAILED,
+        "cluster token mismatch: this request is for another cluster\n",
+    )
+        .into_response()
 }
 
 async fn receive(State(st): State<PeerState>, body: Bytes) -> (StatusCode, &'static str) {

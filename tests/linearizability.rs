@@ -95,6 +95,8 @@ enum PutOutcome {
 /// One client: random PUTs (unique values) and GETs on random keys and nodes until told to
 /// stop. Returns its part of the history.
 async fn client(id: usize, load: Arc<Load>, seed: u64) -> Vec<Op> {
+    // reqwest (rustls-no-provider) needs a process-wide provider for its own config.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let http = reqwest::Client::builder()
         .no_proxy()
         .timeout(CLIENT_TIMEOUT)
@@ -215,6 +217,8 @@ async fn finish_and_check(
 
     // Final reads on every node: each must see the key's last write.
     cluster.wait_leader().await;
+    // reqwest (rustls-no-provider) needs a process-wide provider for its own config.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let http = reqwest::Client::builder()
         .no_proxy()
         .timeout(CLIENT_TIMEOUT)

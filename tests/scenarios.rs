@@ -830,6 +830,8 @@ impl Soak {
 /// One soak client: random PUTs (unique values) and linearizable GETs on random keys and
 /// nodes until told to stop; returns its part of the history.
 async fn soak_client(id: usize, soak: Arc<Soak>, seed: u64) -> Vec<Op> {
+    // reqwest (rustls-no-provider) needs a process-wide provider for its own config.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let http = reqwest::Client::builder()
         .no_proxy()
         .timeout(SOAK_CLIENT_TIMEOUT)

@@ -564,6 +564,8 @@ where
 /// connection pool is tied to the runtime that made it, so clients are not shared between tests.
 /// Proxies from the environment are ignored: every URL here is on 127.0.0.1.
 fn client() -> reqwest::Client {
+    // reqwest (rustls-no-provider) needs a process-wide provider for its own config.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
         .no_proxy()
         .timeout(HTTP_TIMEOUT)
@@ -771,6 +773,8 @@ pub async fn try_get_with(
 /// request, as [`put`] does, would leave a socket in TIME_WAIT per request). Build one per node
 /// start: pooled connections to a killed process are dead.
 pub fn pooled_client() -> reqwest::Client {
+    // reqwest (rustls-no-provider) needs a process-wide provider for its own config.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
         .no_proxy()
         .timeout(HTTP_TIMEOUT)

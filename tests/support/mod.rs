@@ -206,6 +206,8 @@ impl KvTestNode {
 }
 
 pub fn http() -> reqwest::Client {
+    // reqwest (rustls-no-provider) needs a process-wide provider for its own config.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
         .no_proxy()
         .timeout(Duration::from_secs(10))
