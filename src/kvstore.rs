@@ -14,8 +14,15 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
-/// The committed key-value pairs. Keys are the request paths, as raftexample has them.
-pub type Map = HashMap<Vec<u8>, Vec<u8>>;
+/// The committed key-value pairs. Keys are the request paths, as raftexample has them. A
+/// persistent map: cloning it is O(1), so a snapshot captures it without stopping anything and
+/// serialises it elsewhere. It serialises exactly as a `std` HashMap would.
+pub type Map = imbl::HashMap<Vec<u8>, Vec<u8>>;
+
+/// A captured map in the snapshot format.
+pub fn encode(map: &Map) -> Vec<u8> {
+    bincode::serialize(map).expect("serialising a map of byte vectors cannot fail")
+}
 
 /// What the raft task sends on `commit_rx`; Go's nil-on-commitC becomes `Snapshot`.
 #[derive(Debug)]
@@ -147,8 +154,12 @@ impl KvStore {
     /// The map serialised for a snapshot. Called by the raft task once everything up to the
     /// snapshot index is applied (raftexample's `getSnapshot`).
     pub fn snapshot(&self) -> Vec<u8> {
-        let map = self.map.read().expect("map lock");
-        bincode::serialize(&*map).expect("serialising a map of byte vectors cannot fail")
+        encode(&self.capture())
+    }
+
+    /// The map as it is now, in O(1); serialise it later with [`encode`].
+    pub fn capture(&self) -> Map {
+        self.map.read().expect("map lock").clone()
     }
 
     /// `(applied index, hash of the map at that index)`: equal on replicas that converged. The

@@ -190,7 +190,10 @@ pub async fn run(
         peer_client,
     } = start_raft(
         &cfg,
-        Box::new(move || snap_kv.snapshot()),
+        Box::new(move || {
+            let map = snap_kv.capture();
+            Box::new(move || kvstore::encode(&map))
+        }),
         propose_rx,
         conf_change_rx,
         read_rx,

@@ -1,4 +1,4 @@
-//! The raft task: sole owner of `RawNode`, the WAL, the snapshotter and the transport.
+//! The raft task: sole owner of `RawNode`, the WAL (through its writer thread) and the transport.
 //!
 //! Reads `propose_rx` (PUTs), `conf_change_rx` (membership changes), `read_rx` (ReadIndex
 //! requests), `raft_msg_rx` (messages from peers) and `report_rx` (send failures); writes
@@ -25,7 +25,7 @@ use crate::snap::Snapshotter;
 use crate::storage::RaftStorage;
 use crate::transport::{Report, Transport};
 use crate::wal::writer::{Job, Persisted, Writer, WriterError};
-use crate::wal::{Wal, WalOptions, WalSnapshot};
+use crate::wal::{Wal, WalOptions};
 
 const TICK: Duration = Duration::from_millis(100);
 /// Proposals (or peer messages) taken from a channel before the next Ready: one fsync covers
@@ -124,7 +124,6 @@ pub struct RaftNode {
     wal: Option<Wal>,
     writer: Option<Writer>,
     snap_dir: std::path::PathBuf,
-    snapshotter: Snapshotter,
     transport: Transport,
     get_snapshot: GetSnapshot,
     commit_tx: mpsc::Sender<Apply>,
@@ -138,6 +137,10 @@ pub struct RaftNode {
     last_apply_done: Option<oneshot::Receiver<()>>,
     pending_cc: HashMap<u64, oneshot::Sender<Result<(), ConfChangeError>>>,
     reads: ReadBatcher,
+    /// A snapshot thread is running; one at a time.
+    snapshot_in_flight: bool,
+    snapshot_done_tx: mpsc::UnboundedSender<SnapshotDone>,
+    snapshot_done_rx: Option<mpsc::UnboundedReceiver<SnapshotDone>>,
     /// Number of a Ready carrying a leader's snapshot that the writer has not yet persisted.
     snapshot_persisting: Option<u64>,
     status: Arc<Mutex<NodeStatus>>,
@@ -158,7 +161,15 @@ fn writer_error(e: WriterError) -> Error {
 
 /// Serialises the application state for a snapshot (raftexample's `getSnapshot`); called only
 /// once the application has applied every batch sent so far.
-pub type GetSnapshot = Box<dyn Fn() -> Vec<u8> + Send>;
+///
+/// It is split in two: the outer call runs on the raft loop and must be cheap (capture the
+/// state, e.g. an O(1) clone of a persistent map); the closure it returns does the expensive
+/// serialisation on a snapshot thread.
+pub type GetSnapshot = Box<dyn Fn() -> SnapshotSource + Send>;
+pub type SnapshotSource = Box<dyn FnOnce() -> Vec<u8> + Send>;
+
+/// A snapshot written by the snapshot thread, or why it could not be.
+type SnapshotDone = std::result::Result<Snapshot, crate::snap::Error>;
 
 /// Everything shared between the raft task and the rest of the process.
 pub struct Shared {
@@ -340,13 +351,13 @@ impl RaftNode {
         }
         *shared.removed.write().expect("removed-set lock") = removed;
 
+        let (snapshot_done_tx, snapshot_done_rx) = mpsc::unbounded_channel();
         Ok(RaftNode {
             id: cfg.id,
             node,
             wal: Some(wal),
             writer: None,
             snap_dir: cfg.snap_dir(),
-            snapshotter,
             transport,
             get_snapshot,
             commit_tx: shared.commit_tx.clone(),
@@ -357,6 +368,9 @@ impl RaftNode {
             last_apply_done: None,
             pending_cc: HashMap::new(),
             reads: ReadBatcher::default(),
+            snapshot_in_flight: false,
+            snapshot_done_tx,
+            snapshot_done_rx: Some(snapshot_done_rx),
             snapshot_persisting: None,
             status: shared.status.clone(),
             members_changed: true,
@@ -381,6 +395,7 @@ impl RaftNode {
                 }
             })?,
         );
+        let mut snapshot_done_rx = self.snapshot_done_rx.take().expect("run is called once");
         let mut ticker = tokio::time::interval(TICK);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.publish_status();
@@ -404,6 +419,7 @@ impl RaftNode {
                 }
                 Some(m) = inp.raft_msg_rx.recv() => self.step(m),
                 Some(p) = persisted_rx.recv() => self.on_persisted(p)?,
+                Some(done) = snapshot_done_rx.recv() => self.on_snapshot_written(done)?,
                 Some(r) = inp.report_rx.recv() => self.report(r),
                 p = inp.propose_rx.recv() => match p {
                     Some(p) => self.propose(p),
@@ -600,18 +616,11 @@ impl RaftNode {
         // runs in parallel with the followers'.
         self.send(rd.take_messages());
 
-        // 2. Snapshot from the leader. The .snap file goes before the WAL record: a .snap with
-        // no WAL record is simply ignored at restart, but a WAL record whose .snap is missing
-        // could not be recovered.
+        // 2. Snapshot from the leader: its .snap file, then its WAL record (see `Job::Snapshot`
+        // for why in that order), queued before this Ready's entries and HardState.
         if !rd.snapshot().is_empty() {
             let snap = rd.snapshot().clone();
-            let meta = snap.get_metadata();
-            let marker = WalSnapshot {
-                index: meta.index,
-                term: meta.term,
-            };
-            self.snapshotter.save(&snap)?;
-            self.submit(Job::Snapshot(marker))?;
+            self.submit(Job::Snapshot(snap.clone()))?;
             self.install_snapshot(snap).await?;
         }
 
@@ -820,47 +829,89 @@ impl RaftNode {
         }
     }
 
-    /// raftexample's `maybeTriggerSnapshot`: every `snapshot_count` applied entries, snapshot
-    /// the map once it has caught up, then compact the log, keeping catch-up entries.
+    /// raftexample's `maybeTriggerSnapshot`: every `snapshot_count` applied entries, capture
+    /// the map once it has caught up, and let a snapshot thread serialise it and write the
+    /// `.snap` file; [`Self::on_snapshot_written`] then compacts the log.
     async fn maybe_trigger_snapshot(&mut self) -> Result<()> {
-        if self.applied - self.snapshot_index <= self.snapshot_count {
+        if self.snapshot_in_flight || self.applied - self.snapshot_index <= self.snapshot_count {
             return Ok(());
         }
         if let Some(done) = self.last_apply_done.take() {
             // The map must hold exactly the entries up to `applied`.
             let _ = done.await;
         }
-        let started = Instant::now();
         let index = self.applied;
-        let data = SnapshotData {
-            members: self.members.clone(),
-            removed: self
-                .removed
-                .read()
-                .expect("removed-set lock")
-                .iter()
-                .copied()
-                .collect(),
-            kv: (self.get_snapshot)(),
-        };
-        let bytes = bincode::serialize(&data).expect("serialising snapshot data cannot fail");
+        let term = self.node.store().term(index)?;
+        let source = (self.get_snapshot)();
+        let members = self.members.clone();
+        let removed = self
+            .removed
+            .read()
+            .expect("removed-set lock")
+            .iter()
+            .copied()
+            .collect();
         let cs = self.node.store().conf_state().clone();
-        let snap = self.node.mut_store().create_snapshot(index, cs, bytes)?;
-        let marker = WalSnapshot {
-            index,
-            term: snap.get_metadata().term,
-        };
-        self.snapshotter.save(snap)?;
-        self.submit(Job::Snapshot(marker))?;
+        let snap_dir = self.snap_dir.clone();
+        let done_tx = self.snapshot_done_tx.clone();
+        let logger = self.logger.clone();
+        let started = Instant::now();
+        std::thread::Builder::new()
+            .name("snapshot".into())
+            .spawn(move || {
+                let data = SnapshotData {
+                    members,
+                    removed,
+                    kv: source(),
+                };
+                let mut snap = Snapshot {
+                    data: bincode::serialize(&data)
+                        .expect("serialising snapshot data cannot fail")
+                        .into(),
+                    ..Default::default()
+                };
+                let meta = snap.mut_metadata();
+                meta.index = index;
+                meta.term = term;
+                meta.set_conf_state(cs);
+                let res = Snapshotter::new(&snap_dir, &logger)
+                    .and_then(|s| s.save(&snap))
+                    .map(|()| snap);
+                slog::info!(logger, "snapshot written"; "index" => index,
+                    "ms" => started.elapsed().as_millis() as u64);
+                let _ = done_tx.send(res);
+            })
+            .map_err(|e| Error::Io {
+                context: "cannot start a snapshot thread".into(),
+                source: e,
+            })?;
+        self.snapshot_in_flight = true;
+        Ok(())
+    }
+
+    /// The snapshot thread made a `.snap` durable: serve it to slow followers, compact the
+    /// log, record its WAL marker (only now: a marker must never name a missing file) and
+    /// purge what it makes obsolete.
+    fn on_snapshot_written(&mut self, done: SnapshotDone) -> Result<()> {
+        self.snapshot_in_flight = false;
+        let snap = done?;
+        let meta = snap.get_metadata();
+        let (index, term) = (meta.index, meta.term);
+        if index <= self.snapshot_index {
+            // A newer snapshot came from the leader meanwhile.
+            return Ok(());
+        }
+        // The data is `Bytes`: the copy raft serves to followers shares it.
+        self.node.mut_store().set_snapshot(snap);
         self.snapshot_index = index;
         let compact = index.saturating_sub(self.catchup_entries);
         if compact > 0 {
             self.node.mut_store().compact(compact)?;
         }
+        self.submit(Job::Marker(crate::wal::WalSnapshot { index, term }))?;
         self.purge()?;
         crate::metrics::snapshot();
-        slog::info!(self.logger, "snapshot taken"; "index" => index, "compacted_to" => compact,
-            "ms" => started.elapsed().as_millis() as u64);
+        slog::info!(self.logger, "snapshot taken"; "index" => index, "compacted_to" => compact);
         Ok(())
     }
 

@@ -119,6 +119,17 @@ impl RaftStorage {
         Ok(&self.snapshot)
     }
 
+    /// Adopts a snapshot built elsewhere from the state at its index (≤ last index), unless a
+    /// newer one (say, from the leader) arrived meanwhile. Returns whether it was adopted.
+    pub fn set_snapshot(&mut self, snap: Snapshot) -> bool {
+        let index = snap.get_metadata().index;
+        if index <= self.snapshot.get_metadata().index || index > self.last() {
+            return false;
+        }
+        self.snapshot = snap;
+        true
+    }
+
     /// Drops entries before `compact_index`; it becomes the new dummy entry.
     pub fn compact(&mut self, compact_index: u64) -> raft::Result<()> {
         let offset = self.offset();

@@ -11,7 +11,7 @@ use std::sync::mpsc as std_mpsc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use raft::prelude::{Entry, HardState, Message};
+use raft::prelude::{Entry, HardState, Message, Snapshot};
 use tokio::sync::mpsc;
 
 use super::{Error, Wal, WalSnapshot};
@@ -30,8 +30,12 @@ pub enum Job {
         sync: bool,
         messages: Vec<Message>,
     },
-    /// A snapshot marker; its `.snap` file is already on disk.
-    Snapshot(WalSnapshot),
+    /// A snapshot: its `.snap` file, then its WAL marker. The file goes first: a .snap with
+    /// no WAL record is simply ignored at restart, but a WAL record whose .snap is missing
+    /// could not be recovered. Written here so that the raft loop never waits for it.
+    Snapshot(Snapshot),
+    /// The WAL marker of a snapshot whose `.snap` file is already durable.
+    Marker(WalSnapshot),
     /// Delete snapshot files beyond the newest `keep`, then WAL segments wholly before the
     /// oldest snapshot kept. Runs after every earlier marker is durable, so the files removed
     /// are never the ones recovery would reach for.
@@ -133,7 +137,15 @@ fn run(
                     number = Some(n);
                     messages.extend(m);
                 }
-                Job::Snapshot(marker) => wal.save_snapshot(&marker)?,
+                Job::Snapshot(snap) => {
+                    let meta = snap.get_metadata();
+                    snapshotter.save(&snap)?;
+                    wal.save_snapshot(&WalSnapshot {
+                        index: meta.index,
+                        term: meta.term,
+                    })?;
+                }
+                Job::Marker(marker) => wal.save_snapshot(&marker)?,
                 Job::Purge { keep } => {
                     if sync {
                         wal.sync()?;

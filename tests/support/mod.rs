@@ -97,7 +97,10 @@ impl RawTestNode {
         let empty = bincode::serialize(&Map::new()).expect("serialise empty map");
         let handle = start_raft(
             &cfg,
-            Box::new(move || empty.clone()),
+            Box::new(move || {
+                let empty = empty.clone();
+                Box::new(move || empty)
+            }),
             propose_rx,
             conf_change_rx,
             read_rx,
