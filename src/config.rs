@@ -67,6 +67,11 @@ pub struct Config {
     #[arg(long, default_value_t = 5)]
     pub max_snapshots: usize,
 
+    /// Least severe log level written to stderr: critical, error, warning, info, debug, trace.
+    /// raft's per-message debug lines are loud while a peer is unreachable.
+    #[arg(long, default_value = "info", value_parser = parse_level)]
+    pub log_level: slog::Level,
+
     /// Name of the cluster, sent by peers in the X-Raftexample-Cluster header; peer requests
     /// carrying another (or none) get 412. Not a secret: it keeps two clusters from mixing.
     #[arg(long, default_value = DEFAULT_CLUSTER_TOKEN)]
@@ -147,6 +152,11 @@ pub enum Command {
 
 /// `--cluster-token` when none is given.
 pub const DEFAULT_CLUSTER_TOKEN: &str = "raftexample-cluster";
+
+fn parse_level(s: &str) -> std::result::Result<slog::Level, String> {
+    s.parse::<slog::Level>()
+        .map_err(|()| format!("unknown log level {s:?}"))
+}
 
 /// A member's peer URL, checked to be `http://host:port` or `https://host:port` with no path.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -47,7 +47,8 @@ async fn start(cfg: Config) -> ExitCode {
         .overflow_strategy(slog_async::OverflowStrategy::Block)
         .build_with_guard();
     let (drain, guard) = drain;
-    let logger = slog::Logger::root(drain.fuse(), o!("id" => cfg.id));
+    let drain = slog::LevelFilter::new(drain, cfg.log_level).fuse();
+    let logger = slog::Logger::root(drain, o!("id" => cfg.id));
 
     let shutdown = CancellationToken::new();
     tokio::spawn(signal(shutdown.clone(), logger.clone()));

@@ -452,6 +452,14 @@ impl RaftNode {
                 break;
             }
         }
+        // A snapshot being written finishes first, so its marker and purge are not lost.
+        if self.snapshot_in_flight {
+            if let Ok(Some(done)) =
+                tokio::time::timeout(HANDOVER * 5, snapshot_done_rx.recv()).await
+            {
+                self.on_snapshot_written(done)?;
+            }
+        }
         // Finishes the queued writes, syncs and closes the WAL.
         if let Some(mut w) = self.writer.take() {
             w.close();
