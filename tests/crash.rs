@@ -9,10 +9,9 @@
 //! tests in `src/wal`; these tests go through the process, its flags and its data directory.
 
 mod common;
+use common::Rng;
 
-use std::collections::hash_map::RandomState;
 use std::fs::{self, OpenOptions};
-use std::hash::{BuildHasher, Hasher};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,34 +31,6 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 type Acked = Vec<(String, String)>;
 
 // ----- helpers -------------------------------------------------------------------------------
-
-/// A small deterministic PRNG (splitmix64), seeded at random unless `RAFTEXAMPLE_TEST_SEED`
-/// is set; the seed is printed so a failing run can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn new(test: &str) -> Rng {
-        let seed = std::env::var("RAFTEXAMPLE_TEST_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| RandomState::new().build_hasher().finish());
-        eprintln!("{test}: RAFTEXAMPLE_TEST_SEED={seed}");
-        Rng(seed)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `lo..=hi`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
-    }
-}
 
 /// Starts a one-node cluster with `args` on every start and waits until it is leader.
 async fn single(args: &[&str]) -> Cluster {
@@ -860,7 +831,7 @@ mod a_slow {
     /// acknowledged in any round is.
     #[tokio::test(flavor = "multi_thread")]
     async fn kill9_under_write_load_30_times() {
-        let mut rng = Rng::new("kill9_under_write_load_30_times");
+        let mut rng = Rng::from_env("kill9_under_write_load_30_times");
         let args = [
             "--snapshot-count",
             "50",
@@ -919,7 +890,7 @@ mod a_slow {
 /// and purges happen on every node.
 #[tokio::test(flavor = "multi_thread")]
 async fn kill9_random_node_of_three_under_write_load() {
-    let mut rng = Rng::new("kill9_random_node_of_three_under_write_load");
+    let mut rng = Rng::from_env("kill9_random_node_of_three_under_write_load");
     let args = [
         "--snapshot-count",
         "50",

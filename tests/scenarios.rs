@@ -15,11 +15,10 @@
 #[path = "common/linearizability.rs"]
 mod checker;
 mod common;
+use common::{seed, Rng};
 
 use std::cell::Cell;
-use std::collections::hash_map::RandomState;
 use std::collections::BTreeSet;
-use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -767,34 +766,6 @@ const SOAK_KEYS: usize = 3;
 const SOAK_EPOCH: Duration = Duration::from_secs(20);
 /// The clients' own timeout, above the daemons' 2 s.
 const SOAK_CLIENT_TIMEOUT: Duration = Duration::from_secs(4);
-
-/// xorshift64*: a seed reproduces the choices (not the timing) of a run.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
-/// `RAFTEXAMPLE_TEST_SEED` if set, else a random seed.
-fn seed() -> u64 {
-    std::env::var("RAFTEXAMPLE_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| RandomState::new().build_hasher().finish())
-}
 
 /// What the soak clients share with the test body.
 struct Soak {

@@ -1144,3 +1144,51 @@ pub async fn wait_converged(cluster: &Cluster, ids: &[u64]) -> Converged {
         tokio::time::sleep(POLL_INTERVAL).await;
     }
 }
+
+/// A small deterministic PRNG (xorshift64*): a seed reproduces the choices (though not the
+/// timing) of a randomised test.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed | 1)
+    }
+
+    /// Seeded from `RAFTEXAMPLE_TEST_SEED` or at random; prints the seed so that a failing run
+    /// can be replayed.
+    pub fn from_env(test: &str) -> Rng {
+        let seed = seed();
+        eprintln!("{test}: RAFTEXAMPLE_TEST_SEED={seed}");
+        Rng::new(seed)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform in `0..n`.
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    /// Uniform in `lo..=hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo + 1)
+    }
+}
+
+/// `RAFTEXAMPLE_TEST_SEED` if set, else a random seed.
+pub fn seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::env::var("RAFTEXAMPLE_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish()
+        })
+}
