@@ -143,20 +143,6 @@ impl KvStore {
         self.applied_tx.subscribe()
     }
 
-    pub fn len(&self) -> usize {
-        self.map.read().expect("map lock").len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The map serialised for a snapshot. Called by the raft task once everything up to the
-    /// snapshot index is applied (raftexample's `getSnapshot`).
-    pub fn snapshot(&self) -> Vec<u8> {
-        encode(&self.capture())
-    }
-
     /// The map as it is now, in O(1); serialise it later with [`encode`].
     pub fn capture(&self) -> Map {
         self.map.read().expect("map lock").clone()
@@ -317,7 +303,7 @@ mod tests {
             .unwrap()
             .insert(b"/foo".to_vec(), value.clone());
         assert_eq!(kv.lookup(b"/foo"), Some(value.clone()));
-        let data = kv.snapshot();
+        let data = encode(&kv.capture());
         kv.map.write().unwrap().clear();
         assert_eq!(kv.lookup(b"/foo"), None);
         kv.apply(Apply::Snapshot {

@@ -103,6 +103,7 @@ pub fn start_raft(
         report_tx,
         rt: tokio::runtime::Handle::current(),
         shutdown: network_stop.clone(),
+        peer_client: peer_client.clone(),
     };
     let inputs = Inputs {
         propose_rx,
@@ -115,7 +116,6 @@ pub fn start_raft(
         let cfg = cfg.clone();
         let logger = logger.clone();
         let network_stop = network_stop.clone();
-        let client = peer_client.clone();
         std::thread::Builder::new()
             .name(format!("raft-{}", cfg.id))
             .spawn(move || {
@@ -127,10 +127,10 @@ pub fn start_raft(
                         source: e,
                     })
                     .and_then(|rt| {
-                        rt.block_on(transport::with_peer_client(client, async {
+                        rt.block_on(async {
                             let node = RaftNode::recover(&cfg, &shared, get_snapshot, &logger)?;
                             node.run(inputs, stop).await
-                        }))
+                        })
                     });
                 // `shared` (with the commit sender) drops here, which ends the apply task.
                 drop(shared);

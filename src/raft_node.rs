@@ -179,6 +179,8 @@ pub struct Shared {
     pub report_tx: mpsc::UnboundedSender<Report>,
     pub rt: tokio::runtime::Handle,
     pub shutdown: CancellationToken,
+    /// What the transport sends with: cluster token, peer TLS.
+    pub peer_client: crate::peer_client::PeerClient,
 }
 
 fn conf_change_entry(cc: &ConfChange, index: u64) -> Entry {
@@ -329,6 +331,7 @@ impl RaftNode {
 
         let mut transport = Transport::new(
             cfg.id,
+            shared.peer_client.clone(),
             shared.report_tx.clone(),
             shared.rt.clone(),
             shared.shutdown.clone(),

@@ -12,7 +12,6 @@
 //! the [`PeerClient`] speaks HTTPS with a client certificate and the listener requires one.
 
 use std::collections::{HashMap, HashSet};
-use std::future::Future;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -79,19 +78,6 @@ pub fn decode_batch(buf: &[u8]) -> Result<Vec<Message>, Error> {
     Ok(msgs)
 }
 
-tokio::task_local! {
-    /// The client that [`Transport::new`] uses, set by whoever starts the raft task (see
-    /// [`with_peer_client`]).
-    static PEER_CLIENT: PeerClient;
-}
-
-/// Runs `f` (the raft task) so that any [`Transport`] it creates sends with `client`: the
-/// cluster token and TLS settings reach the transport this way because the raft task builds
-/// it from arguments that do not include them.
-pub async fn with_peer_client<F: Future>(client: PeerClient, f: F) -> F::Output {
-    PEER_CLIENT.scope(client, f).await
-}
-
 struct Peer {
     url: String,
     tx: mpsc::Sender<Message>,
@@ -113,21 +99,15 @@ pub struct Transport {
 }
 
 impl Transport {
+    /// Senders use `client` (cluster token, peer TLS) for every request.
     pub fn new(
         id: u64,
+        client: PeerClient,
         report_tx: mpsc::UnboundedSender<Report>,
         rt: tokio::runtime::Handle,
         shutdown: CancellationToken,
         logger: &slog::Logger,
     ) -> Transport {
-        // Outside `with_peer_client` (a raft task started by hand): plain HTTP with the default
-        // token, what a node without the security flags sends.
-        let client = PEER_CLIENT.try_with(PeerClient::clone).unwrap_or_else(|_| {
-            PeerClient::new(
-                HeaderValue::from_static(crate::config::DEFAULT_CLUSTER_TOKEN),
-                None,
-            )
-        });
         Transport {
             id,
             client,
