@@ -63,33 +63,7 @@ async fn writer(client_id: usize, ports: Vec<u16>, acked: Arc<Acked>) {
 /// Checks on every node that each acknowledged write reads back, with a linearizable GET and,
 /// once the node has caught up, with a serializable one. Returns the number of reads done.
 async fn assert_all_readable(cluster: &Cluster, writes: &[(String, String)]) -> usize {
-    let writes: Arc<Vec<(String, String)>> = Arc::new(writes.to_vec());
-    let mut tasks = tokio::task::JoinSet::new();
-    const READERS_PER_NODE: usize = 4;
-    for id in 1..=3u64 {
-        let port = cluster.node(id).client_port;
-        for part in 0..READERS_PER_NODE {
-            let writes = writes.clone();
-            tasks.spawn(async move {
-                let client = pooled_client();
-                let mut reads = 0;
-                for (key, value) in writes.iter().skip(part).step_by(READERS_PER_NODE) {
-                    let got = try_get_with(&client, port, key).await;
-                    assert_eq!(
-                        got,
-                        Some((StatusCode::OK, value.clone().into())),
-                        "node {id}: linearizable GET {key} after its PUT was acknowledged"
-                    );
-                    reads += 1;
-                }
-                reads
-            });
-        }
-    }
-    let mut reads = 0;
-    while let Some(r) = tasks.join_next().await {
-        reads += r.expect("reader task");
-    }
+    let mut reads = common::assert_all_readable(cluster, &[1, 2, 3], writes).await;
     // Serializable reads answer from the node's own copy: wait until each has applied
     // everything, then every acknowledged write must be in it.
     for id in 1..=3u64 {

@@ -15,7 +15,7 @@
 #[path = "common/linearizability.rs"]
 mod checker;
 mod common;
-use common::{seed, Rng};
+use common::{assert_all_readable, seed, Rng};
 
 use std::cell::Cell;
 use std::collections::BTreeSet;
@@ -149,39 +149,6 @@ async fn wait_healthy(cluster: &mut Cluster, id: u64) {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// Checks with a linearizable GET on each node of `ids` that every write reads back with its
-/// value (four readers per node). Returns the number of reads.
-async fn assert_all_readable(cluster: &Cluster, ids: &[u64], writes: &[(String, String)]) -> usize {
-    const READERS_PER_NODE: usize = 4;
-    let writes: Arc<Vec<(String, String)>> = Arc::new(writes.to_vec());
-    let mut tasks = tokio::task::JoinSet::new();
-    for &id in ids {
-        let port = cluster.node(id).client_port;
-        for part in 0..READERS_PER_NODE {
-            let writes = writes.clone();
-            tasks.spawn(async move {
-                let client = pooled_client();
-                let mut reads = 0;
-                for (key, value) in writes.iter().skip(part).step_by(READERS_PER_NODE) {
-                    let got = try_get_with(&client, port, key).await;
-                    assert_eq!(
-                        got,
-                        Some((StatusCode::OK, value.clone().into())),
-                        "node {id}: linearizable GET {key} after its PUT was acknowledged"
-                    );
-                    reads += 1;
-                }
-                reads
-            });
-        }
-    }
-    let mut reads = 0;
-    while let Some(r) = tasks.join_next().await {
-        reads += r.expect("reader task");
-    }
-    reads
 }
 
 // ----- Write load: unique keys, every 204 recorded -----

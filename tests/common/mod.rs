@@ -1192,3 +1192,40 @@ pub fn seed() -> u64 {
                 .finish()
         })
 }
+
+/// Checks with a linearizable GET on each node of `ids` that every write reads back with its
+/// value (four readers per node). Returns the number of reads.
+pub async fn assert_all_readable(
+    cluster: &Cluster,
+    ids: &[u64],
+    writes: &[(String, String)],
+) -> usize {
+    const READERS_PER_NODE: usize = 4;
+    let writes: std::sync::Arc<Vec<(String, String)>> = std::sync::Arc::new(writes.to_vec());
+    let mut tasks = tokio::task::JoinSet::new();
+    for &id in ids {
+        let port = cluster.node(id).client_port;
+        for part in 0..READERS_PER_NODE {
+            let writes = writes.clone();
+            tasks.spawn(async move {
+                let client = pooled_client();
+                let mut reads = 0;
+                for (key, value) in writes.iter().skip(part).step_by(READERS_PER_NODE) {
+                    let got = try_get_with(&client, port, key).await;
+                    assert_eq!(
+                        got,
+                        Some((StatusCode::OK, value.clone().into())),
+                        "node {id}: linearizable GET {key} after its PUT was acknowledged"
+                    );
+                    reads += 1;
+                }
+                reads
+            });
+        }
+    }
+    let mut reads = 0;
+    while let Some(r) = tasks.join_next().await {
+        reads += r.expect("reader task");
+    }
+    reads
+}
