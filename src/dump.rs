@@ -102,7 +102,7 @@ fn file_name(p: &Path) -> String {
 fn describe(e: &raft::prelude::Entry) -> String {
     match e.get_entry_type() {
         EntryType::EntryNormal if e.data.is_empty() => "no-op".into(),
-        EntryType::EntryNormal => match bincode::deserialize::<Put>(&e.data) {
+        EntryType::EntryNormal => match Put::decode(&e.data) {
             Ok(p) => format!(
                 "put key={:?} value_bytes={}",
                 String::from_utf8_lossy(&p.key),

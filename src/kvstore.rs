@@ -3,7 +3,9 @@
 //! Writes `propose_tx` (each PUT as an encoded [`Put`] with its own [`Proposal`]), reads
 //! `commit_rx` ([`Apply`] batches from the raft task), and wakes the PUT that waits on each
 //! applied request id. The applied index is published on a `watch` so that reads can wait for
-//! it. Snapshots are the map serialised with bincode, so values are arbitrary bytes.
+//! it. Entries and snapshots use bincode 1.3's layout for these types (little-endian u64
+//! lengths), written by hand: serde hands a `Vec<u8>` to bincode one byte at a time, which made
+//! encoding a snapshot and decoding every entry the most expensive part of the hot path.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,7 +13,6 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// The committed key-value pairs. Keys are the request paths, as raftexample has them. A
@@ -19,9 +20,78 @@ use tokio::sync::{mpsc, oneshot, watch};
 /// serialises it elsewhere. It serialises exactly as a `std` HashMap would.
 pub type Map = imbl::HashMap<Vec<u8>, Vec<u8>>;
 
+/// Appends a captured map in the snapshot format: the pair count, then each key and value
+/// with its length.
+pub fn encode_into(map: &Map, buf: &mut Vec<u8>) {
+    buf.reserve(
+        8 + map
+            .iter()
+            .map(|(k, v)| 16 + k.len() + v.len())
+            .sum::<usize>(),
+    );
+    put_u64(buf, map.len() as u64);
+    for (k, v) in map {
+        put_bytes(buf, k);
+        put_bytes(buf, v);
+    }
+}
+
 /// A captured map in the snapshot format.
 pub fn encode(map: &Map) -> Vec<u8> {
-    bincode::serialize(map).expect("serialising a map of byte vectors cannot fail")
+    let mut buf = Vec::new();
+    encode_into(map, &mut buf);
+    buf
+}
+
+/// The map encoded by [`encode_into`].
+pub fn decode(mut buf: &[u8]) -> Result<Map, DecodeError> {
+    let n = get_u64(&mut buf)?;
+    let mut map = Map::new();
+    for _ in 0..n {
+        let k = get_bytes(&mut buf)?.to_vec();
+        let v = get_bytes(&mut buf)?.to_vec();
+        map.insert(k, v);
+    }
+    if !buf.is_empty() {
+        return Err(DecodeError::Trailing(buf.len()));
+    }
+    Ok(map)
+}
+
+/// Why an entry or a snapshot does not decode.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum DecodeError {
+    #[error("truncated")]
+    Truncated,
+    #[error("{0} trailing bytes")]
+    Trailing(usize),
+}
+
+fn put_u64(buf: &mut Vec<u8>, n: u64) {
+    buf.extend_from_slice(&n.to_le_bytes());
+}
+
+fn put_bytes(buf: &mut Vec<u8>, b: &[u8]) {
+    put_u64(buf, b.len() as u64);
+    buf.extend_from_slice(b);
+}
+
+fn get_u64(buf: &mut &[u8]) -> Result<u64, DecodeError> {
+    let (n, rest) = buf.split_first_chunk::<8>().ok_or(DecodeError::Truncated)?;
+    *buf = rest;
+    Ok(u64::from_le_bytes(*n))
+}
+
+/// A length-prefixed slice; the length is checked against what is left before anything is
+/// allocated, so a corrupt length cannot ask for gigabytes.
+fn get_bytes<'a>(buf: &mut &'a [u8]) -> Result<&'a [u8], DecodeError> {
+    let n = get_u64(buf)?;
+    if n > buf.len() as u64 {
+        return Err(DecodeError::Truncated);
+    }
+    let (b, rest) = buf.split_at(n as usize);
+    *buf = rest;
+    Ok(b)
 }
 
 /// What the raft task sends on `commit_rx`; Go's nil-on-commitC becomes `Snapshot`.
@@ -48,11 +118,31 @@ pub struct Proposal {
 
 /// The replicated command: a PUT tagged with an id unique to the proposing node's run, so that
 /// only the node that proposed it wakes its client.
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, PartialEq)]
 pub struct Put {
     pub id: u64,
     pub key: Vec<u8>,
     pub value: Vec<u8>,
+}
+
+impl Put {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(24 + self.key.len() + self.value.len());
+        put_u64(&mut buf, self.id);
+        put_bytes(&mut buf, &self.key);
+        put_bytes(&mut buf, &self.value);
+        buf
+    }
+
+    pub fn decode(mut buf: &[u8]) -> Result<Put, DecodeError> {
+        let id = get_u64(&mut buf)?;
+        let key = get_bytes(&mut buf)?.to_vec();
+        let value = get_bytes(&mut buf)?.to_vec();
+        if !buf.is_empty() {
+            return Err(DecodeError::Trailing(buf.len()));
+        }
+        Ok(Put { id, key, value })
+    }
 }
 
 /// Why a `KvStore::put` did not return Ok.
@@ -168,8 +258,7 @@ impl KvStore {
         deadline: tokio::time::Instant,
     ) -> Result<(), PutError> {
         let id = self.next_id();
-        let data = bincode::serialize(&Put { id, key, value })
-            .expect("serialising byte vectors cannot fail");
+        let data = Put { id, key, value }.encode();
         let (applied_tx, applied_rx) = oneshot::channel();
         self.waiters
             .lock()
@@ -232,7 +321,7 @@ impl KvStore {
                     // Published under the lock so `digest` sees a map and index that match.
                     self.applied_tx.send_replace(index);
                     for d in &data {
-                        match bincode::deserialize::<Put>(d) {
+                        match Put::decode(d) {
                             Ok(put) => {
                                 woken.push(put.id);
                                 map.insert(put.key, put.value);
@@ -255,7 +344,7 @@ impl KvStore {
                 // The raft task may have stopped waiting (it only waits before a snapshot).
                 let _ = applied.send(());
             }
-            Apply::Snapshot { index, data } => match bincode::deserialize::<Map>(&data) {
+            Apply::Snapshot { index, data } => match decode(&data) {
                 Ok(map) => {
                     slog::info!(self.logger, "loaded snapshot"; "index" => index, "keys" => map.len());
                     let mut m = self.map.write().expect("map lock");
@@ -312,6 +401,49 @@ mod tests {
         });
         assert_eq!(kv.lookup(b"/foo"), Some(value));
         assert_eq!(kv.applied(), 7);
+    }
+
+    /// The hand-written codecs keep bincode 1.3's layout (so files written before them still
+    /// load) and reject truncated or padded input instead of panicking.
+    #[test]
+    fn codecs_match_bincode_layout() {
+        #[derive(serde::Serialize)]
+        struct BincodePut {
+            id: u64,
+            key: Vec<u8>,
+            value: Vec<u8>,
+        }
+        let put = Put {
+            id: 42,
+            key: b"/k".to_vec(),
+            value: vec![0, 255, 7],
+        };
+        let old = bincode::serialize(&BincodePut {
+            id: 42,
+            key: b"/k".to_vec(),
+            value: vec![0, 255, 7],
+        })
+        .unwrap();
+        assert_eq!(put.encode(), old);
+        assert_eq!(Put::decode(&old).unwrap(), put);
+
+        let mut map = Map::new();
+        map.insert(b"/a".to_vec(), b"1".to_vec());
+        map.insert(b"/b".to_vec(), vec![]);
+        let std: std::collections::HashMap<_, _> = map.clone().into_iter().collect();
+        assert_eq!(decode(&bincode::serialize(&std).unwrap()).unwrap(), map);
+        let enc = encode(&map);
+        assert_eq!(decode(&enc).unwrap(), map);
+
+        for cut in 0..enc.len() {
+            assert!(decode(&enc[..cut]).is_err(), "prefix of {cut} bytes");
+        }
+        let mut padded = enc.clone();
+        padded.push(0);
+        assert_eq!(decode(&padded), Err(DecodeError::Trailing(1)));
+        let mut huge = put.encode();
+        huge[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert_eq!(Put::decode(&huge), Err(DecodeError::Truncated));
     }
 
     /// A PUT returns only once its own entry is applied, and the applied signal fires.

@@ -192,7 +192,7 @@ pub async fn run(
         &cfg,
         Box::new(move || {
             let map = snap_kv.capture();
-            Box::new(move || kvstore::encode(&map))
+            Box::new(move |buf: &mut Vec<u8>| kvstore::encode_into(&map, buf))
         }),
         propose_rx,
         conf_change_rx,

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use protobuf::Message as _;
 use raft::prelude::*;
 use raft::StateRole;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -93,11 +93,51 @@ pub struct NodeStatus {
 }
 
 /// Snapshot payload: the membership the log no longer holds after compaction, and the map.
-#[derive(Debug, Serialize, Deserialize)]
+/// Laid out as bincode 1.3 lays out `(members, removed, kv as bytes)`.
+#[derive(Debug, PartialEq)]
 struct SnapshotData {
     members: BTreeMap<u64, String>,
     removed: BTreeSet<u64>,
-    kv: Vec<u8>,
+    /// The state machine's encoding of the map; shares the snapshot's buffer.
+    kv: Bytes,
+}
+
+/// Builds the payload in one buffer: the state machine appends the map in place, so a large
+/// snapshot exists once in memory, not three times (map, payload, protobuf).
+fn encode_snapshot_data(
+    members: &BTreeMap<u64, String>,
+    removed: &BTreeSet<u64>,
+    source: SnapshotSource,
+) -> Vec<u8> {
+    let mut buf =
+        bincode::serialize(&(members, removed)).expect("serialising ids and strings cannot fail");
+    let at = buf.len();
+    buf.extend_from_slice(&[0; 8]);
+    source(&mut buf);
+    let kv_len = (buf.len() - at - 8) as u64;
+    buf[at..at + 8].copy_from_slice(&kv_len.to_le_bytes());
+    buf
+}
+
+fn decode_snapshot_data(data: &Bytes) -> std::result::Result<SnapshotData, String> {
+    let (members, removed): (BTreeMap<u64, String>, BTreeSet<u64>) =
+        bincode::deserialize(data).map_err(|e| e.to_string())?;
+    let at = bincode::serialized_size(&(&members, &removed)).map_err(|e| e.to_string())? as usize;
+    let len = data
+        .get(at..at + 8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+        .ok_or("truncated before the map")?;
+    if len != (data.len() - at - 8) as u64 {
+        return Err(format!(
+            "map length {len} does not match the {} bytes present",
+            data.len() - at - 8
+        ));
+    }
+    Ok(SnapshotData {
+        members,
+        removed,
+        kv: data.slice(at + 8..),
+    })
 }
 
 /// The receiving halves the raft task reads.
@@ -164,9 +204,9 @@ fn writer_error(e: WriterError) -> Error {
 ///
 /// It is split in two: the outer call runs on the raft loop and must be cheap (capture the
 /// state, e.g. an O(1) clone of a persistent map); the closure it returns does the expensive
-/// serialisation on a snapshot thread.
+/// serialisation on a snapshot thread, appending to the buffer it is given.
 pub type GetSnapshot = Box<dyn Fn() -> SnapshotSource + Send>;
-pub type SnapshotSource = Box<dyn FnOnce() -> Vec<u8> + Send>;
+pub type SnapshotSource = Box<dyn FnOnce(&mut Vec<u8>) + Send>;
 
 /// A snapshot written by the snapshot thread, or why it could not be.
 type SnapshotDone = std::result::Result<Snapshot, crate::snap::Error>;
@@ -243,7 +283,7 @@ impl RaftNode {
         if let Some(snap) = snapshotter.load_newest_available(&valid)? {
             let meta = snap.get_metadata();
             snapshot_index = meta.index;
-            let data: SnapshotData = bincode::deserialize(&snap.data).map_err(|e| {
+            let data = decode_snapshot_data(&snap.data).map_err(|e| {
                 Error::Recovery(format!(
                     "snapshot at index {} does not decode: {e}",
                     meta.index
@@ -255,7 +295,7 @@ impl RaftNode {
                 .commit_tx
                 .try_send(Apply::Snapshot {
                     index: meta.index,
-                    data: data.kv.into(),
+                    data: data.kv,
                 })
                 .map_err(|_| Error::Recovery("the kvstore stopped".into()))?;
             storage.apply_snapshot(snap)?;
@@ -711,7 +751,7 @@ impl RaftNode {
     /// (the nil-on-commitC of raftexample).
     async fn install_snapshot(&mut self, snap: Snapshot) -> Result<()> {
         let index = snap.get_metadata().index;
-        let data: SnapshotData = bincode::deserialize(&snap.data).map_err(|e| {
+        let data = decode_snapshot_data(&snap.data).map_err(|e| {
             Error::Recovery(format!(
                 "snapshot at index {index} from the leader does not decode: {e}"
             ))
@@ -733,7 +773,7 @@ impl RaftNode {
         slog::info!(self.logger, "installing snapshot from leader"; "index" => index, "bytes" => data.kv.len());
         self.send_apply(Apply::Snapshot {
             index,
-            data: data.kv.into(),
+            data: data.kv,
         })
         .await?;
         self.applied = index;
@@ -855,7 +895,7 @@ impl RaftNode {
         let term = self.node.store().term(index)?;
         let source = (self.get_snapshot)();
         let members = self.members.clone();
-        let removed = self
+        let removed: BTreeSet<u64> = self
             .removed
             .read()
             .expect("removed-set lock")
@@ -870,15 +910,8 @@ impl RaftNode {
         std::thread::Builder::new()
             .name("snapshot".into())
             .spawn(move || {
-                let data = SnapshotData {
-                    members,
-                    removed,
-                    kv: source(),
-                };
                 let mut snap = Snapshot {
-                    data: bincode::serialize(&data)
-                        .expect("serialising snapshot data cannot fail")
-                        .into(),
+                    data: encode_snapshot_data(&members, &removed, source).into(),
                     ..Default::default()
                 };
                 let meta = snap.mut_metadata();
@@ -1041,6 +1074,55 @@ impl ReadBatcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The payload keeps the layout bincode gives `(members, removed, kv)` with `kv` as bytes,
+    /// decodes to what was encoded, and a truncated one is an error, not a panic.
+    #[test]
+    fn snapshot_data_round_trip() {
+        #[derive(Serialize)]
+        struct Bincode<'a> {
+            members: &'a BTreeMap<u64, String>,
+            removed: &'a BTreeSet<u64>,
+            #[serde(serialize_with = "as_bytes")]
+            kv: &'a [u8],
+        }
+        fn as_bytes<S: serde::Serializer>(b: &&[u8], s: S) -> std::result::Result<S::Ok, S::Error> {
+            s.serialize_bytes(b)
+        }
+        let members: BTreeMap<u64, String> =
+            [(1, "http://a".to_string()), (3, "http://c".into())].into();
+        let removed: BTreeSet<u64> = [2].into();
+        let kv = b"map bytes".to_vec();
+        let kv2 = kv.clone();
+        let enc = encode_snapshot_data(
+            &members,
+            &removed,
+            Box::new(move |b| b.extend_from_slice(&kv2)),
+        );
+        let old = bincode::serialize(&Bincode {
+            members: &members,
+            removed: &removed,
+            kv: &kv,
+        })
+        .unwrap();
+        assert_eq!(enc, old);
+        let enc = Bytes::from(enc);
+        let got = decode_snapshot_data(&enc).unwrap();
+        assert_eq!(
+            got,
+            SnapshotData {
+                members,
+                removed,
+                kv: kv.into()
+            }
+        );
+        for cut in 0..enc.len() {
+            assert!(
+                decode_snapshot_data(&enc.slice(..cut)).is_err(),
+                "prefix of {cut} bytes"
+            );
+        }
+    }
 
     /// raftexample's `TestProcessMessages`: an outgoing MsgSnapshot gets the node's current
     /// ConfState (AutoLeave cleared too), other messages pass unchanged and in order.

@@ -79,9 +79,10 @@ impl Snapshotter {
         if meta.index == 0 {
             return Ok(());
         }
-        let payload = snap.write_to_bytes().map_err(|e| Error::Encode {
-            reason: e.to_string(),
-        })?;
+        let (head, data, tail) = encode_parts(snap)?;
+        let crc = [&head[..], data, &tail]
+            .iter()
+            .fold(0, |crc, part| crc32c::crc32c_append(crc, part));
         let name = file_name(meta.term, meta.index);
         let path = self.dir.join(&name);
         let tmp = self.dir.join(format!("{name}.tmp"));
@@ -91,8 +92,10 @@ impl Snapshotter {
                 .create(true)
                 .truncate(true)
                 .open(&tmp)?;
-            f.write_all(&crc32c::crc32c(&payload).to_le_bytes())?;
-            f.write_all(&payload)?;
+            f.write_all(&crc.to_le_bytes())?;
+            f.write_all(&head)?;
+            f.write_all(data)?;
+            f.write_all(&tail)?;
             f.sync_all()
         };
         if let Err(e) = write_tmp() {
@@ -103,7 +106,8 @@ impl Snapshotter {
         fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
         sync_dir(&self.dir)?;
         info!(self.logger, "saved snapshot";
-            "term" => meta.term, "index" => meta.index, "bytes" => payload.len() + 4);
+            "term" => meta.term, "index" => meta.index,
+            "bytes" => 4 + head.len() + data.len() + tail.len());
         Ok(())
     }
 
@@ -236,6 +240,34 @@ fn sync_dir(dir: &Path) -> Result<(), Error> {
         .map_err(|e| Error::io(dir, e))
 }
 
+type Parts<'a> = (Vec<u8>, &'a [u8], Vec<u8>);
+
+/// `snap.write_to_bytes()` in three parts, so that the data (the whole state machine) is
+/// written from where it is instead of being copied once more: field 1's tag and length, the
+/// data itself, then the metadata field.
+fn encode_parts(snap: &Snapshot) -> Result<Parts<'_>, Error> {
+    let encode = |e: protobuf::ProtobufError| Error::Encode {
+        reason: e.to_string(),
+    };
+    let mut head = Vec::new();
+    if !snap.data.is_empty() {
+        let len = u32::try_from(snap.data.len()).map_err(|_| Error::Encode {
+            reason: "snapshot data over 4 GiB".into(),
+        })?;
+        let mut os = protobuf::CodedOutputStream::vec(&mut head);
+        os.write_tag(1, protobuf::wire_format::WireTypeLengthDelimited)
+            .and_then(|()| os.write_raw_varint32(len))
+            .and_then(|()| os.flush())
+            .map_err(encode)?;
+    }
+    let mut meta_only = Snapshot::default();
+    if snap.has_metadata() {
+        meta_only.set_metadata(snap.get_metadata().clone());
+    }
+    let tail = meta_only.write_to_bytes().map_err(encode)?;
+    Ok((head, &snap.data, tail))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,6 +331,24 @@ mod tests {
         );
         let got = s.load_newest_available(&[(2, 0x1f)]).unwrap().unwrap();
         assert_eq!(got, snap(2, 0x1f));
+    }
+
+    /// The file holds exactly the protobuf encoding, though it is written in parts.
+    #[test]
+    fn parts_are_the_protobuf_encoding() {
+        let mut big = snap(3, 9);
+        big.data = vec![7; 300_000].into();
+        let no_data = Snapshot {
+            metadata: big.metadata.clone(),
+            ..Default::default()
+        };
+        for s in [snap(2, 5), big, no_data] {
+            let (head, data, tail) = encode_parts(&s).unwrap();
+            assert_eq!(
+                [&head[..], data, &tail].concat(),
+                s.write_to_bytes().unwrap()
+            );
+        }
     }
 
     #[test]

@@ -98,7 +98,7 @@ fn hostile_batch(from: u64, to: u64, term: u64, commit: u64) -> Vec<u8> {
     let e = Entry {
         term,
         index: commit + 1,
-        data: bincode::serialize(&put).expect("encode a PUT").into(),
+        data: put.encode().into(),
         ..Default::default()
     };
     app.mut_entries().push(e);

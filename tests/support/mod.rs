@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use raftexample::kvstore::{Apply, Map, Proposal};
+use raftexample::kvstore::{encode_into, Apply, Map, Proposal};
 use raftexample::raft_node::{ConfChangeRequest, ReadRequest};
 use raftexample::{start_raft, Config, RaftHandle};
 use tokio::net::TcpListener;
@@ -94,13 +94,9 @@ impl RawTestNode {
         let (conf_change_tx, conf_change_rx) = mpsc::channel(4);
         let (read_tx, read_rx) = mpsc::channel(64);
         let stop = CancellationToken::new();
-        let empty = bincode::serialize(&Map::new()).expect("serialise empty map");
         let handle = start_raft(
             &cfg,
-            Box::new(move || {
-                let empty = empty.clone();
-                Box::new(move || empty)
-            }),
+            Box::new(|| Box::new(|buf: &mut Vec<u8>| encode_into(&Map::new(), buf))),
             propose_rx,
             conf_change_rx,
             read_rx,
