@@ -147,6 +147,7 @@ pub fn start_raft(
         raft_msg_tx,
         removed,
         cluster_token,
+        stop: network_stop.clone(),
         logger: logger.new(slog::o!("component" => "peer-http")),
     });
     Ok(RaftHandle {

@@ -1,7 +1,7 @@
-//! The HTTP client for requests to other members: the raft transport's `POST /raft` and the
-//! forwarded `POST /conf-change`. One [`PeerClient`] (one reqwest connection pool) per node, so
-//! both carry the same cluster token and, with peer TLS, present the same certificate and trust
-//! the same CA.
+//! The HTTP client for requests to other members: the raft transport's streams and snapshot
+//! `POST /raft`, and the forwarded `POST /conf-change`. One [`PeerClient`] (one reqwest
+//! connection pool) per node, so all carry the same cluster token and, with peer TLS, present
+//! the same certificate and trust the same CA.
 
 use std::error::Error as _;
 use std::time::Duration;
@@ -112,6 +112,39 @@ impl PeerClient {
         let status = res.status();
         let body = res.bytes().await.map_err(|e| classify(e, timeout))?;
         Ok((status, body))
+    }
+}
+
+impl PeerClient {
+    /// `POST url` with the cluster token and `headers` (which ask for an upgrade), within
+    /// `timeout`: the upgraded connection if the peer answered 101, else its status.
+    pub async fn upgrade(
+        &self,
+        url: &str,
+        headers: &[(&'static str, HeaderValue)],
+        timeout: Duration,
+    ) -> Result<Result<reqwest::Upgraded, StatusCode>, PeerError> {
+        let mut req = self
+            .http
+            .post(url)
+            .header(CLUSTER_HEADER, self.token.clone());
+        for (name, value) in headers {
+            req = req.header(*name, value.clone());
+        }
+        // Not reqwest's own timeout: that would also bound the life of the upgraded stream.
+        let open = async {
+            let res = req.send().await.map_err(|e| classify(e, timeout))?;
+            if res.status() != StatusCode::SWITCHING_PROTOCOLS {
+                return Ok(Err(res.status()));
+            }
+            res.upgrade()
+                .await
+                .map(Ok)
+                .map_err(|e| classify(e, timeout))
+        };
+        tokio::time::timeout(timeout, open)
+            .await
+            .unwrap_or(Err(PeerError::Timeout(timeout)))
     }
 }
 

@@ -250,7 +250,9 @@ where
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(shared.limits.header_timeout)
-        .serve_connection(TokioIo::new(io), service);
+        .serve_connection(TokioIo::new(io), service)
+        // The raft transport's streams (see `transport`) are HTTP/1.1 upgrades.
+        .with_upgrades();
     tokio::pin!(conn);
     let res = tokio::select! {
         res = conn.as_mut() => res,

@@ -1,15 +1,24 @@
-//! Peer transport over HTTP(S): `POST /raft` on each node's peer URL carries a batch of
-//! length-delimited protobuf raft messages.
+//! Peer transport over HTTP(S), in the manner of etcd's rafthttp: a long-lived **stream** per
+//! peer for the steady flow of messages, and one-off `POST /raft` requests for snapshots.
 //!
 //! Outgoing: the raft task calls [`Transport::send`], which never blocks: each peer has a
-//! sender task with a bounded queue that puts everything queued for that peer into one request.
+//! sender task with a bounded queue. The sender opens `POST /raft/stream` as an HTTP/1.1
+//! upgrade; once the peer answers 101 the connection carries length-delimited protobuf raft
+//! messages one way, and everything queued for that peer goes out as one write. No request,
+//! response or round trip per batch: a heartbeat leaves at once instead of waiting for the
+//! previous batch to be answered. A `MsgSnapshot` (large, and raft must learn whether it
+//! arrived) goes by `POST /raft` from a task of its own, so it never holds up the stream.
 //! Failures come back to the raft task on `report_tx` ([`Report`]) so it can call
-//! `report_unreachable` / `report_snapshot`. Incoming: the `/raft` handler decodes a batch and
-//! forwards it on `raft_msg_tx`; a message from a removed member gets 410 Gone.
+//! `report_unreachable` / `report_snapshot`; a broken stream is reopened on the next batch.
+//!
+//! Incoming: `/raft` decodes a batch and `/raft/stream` decodes frames as they arrive; both
+//! forward on `raft_msg_tx`. A message from a removed member gets 410 Gone (a stream is closed,
+//! and its reopening gets the 410).
 //!
 //! Every request carries the cluster token (`X-Raftexample-Cluster`); a request without this
 //! node's token gets 412 before its body is read ([`require_cluster_token`]). With peer TLS,
-//! the [`PeerClient`] speaks HTTPS with a client certificate and the listener requires one.
+//! the [`PeerClient`] speaks HTTPS with a client certificate and the listener requires one; the
+//! upgraded stream stays inside that TLS session.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
@@ -17,19 +26,35 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
+use bytes::{Buf, BytesMut};
 use protobuf::{CodedInputStream, Message as _};
 use raft::prelude::{Message, MessageType};
 use raft::SnapshotStatus;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::peer_client::{PeerClient, PeerError, CLUSTER_HEADER};
 use crate::server::Throttle;
+
+/// The message stream: `POST` with an HTTP/1.1 upgrade to [`STREAM_PROTOCOL`].
+pub const STREAM_PATH: &str = "/raft/stream";
+pub const STREAM_PROTOCOL: &str = "raftexample-raft/1";
+/// Names the sending member on every peer request.
+pub const FROM_HEADER: &str = "x-raftexample-from";
+/// A write that cannot finish in this long means a stuck peer (paused, or its raft loop
+/// stalled and its socket buffers full): drop the stream and report it unreachable.
+const WRITE_STALL: Duration = Duration::from_secs(2);
+/// Opening a stream takes a connect and one HTTP exchange.
+const STREAM_OPEN: Duration = Duration::from_secs(2);
+/// Largest frame a stream accepts. Appends are capped at 1 MiB of entries by raft, but one
+/// entry may be as large as a client request; this only guards against garbage lengths.
+const MAX_FRAME: usize = 256 << 20;
 
 /// Queue length per peer; beyond it messages are dropped (raft retransmits).
 const PEER_QUEUE: usize = 4096;
@@ -49,6 +74,18 @@ pub enum Report {
 pub enum Error {
     #[error("undecodable raft message batch: {0}")]
     Decode(#[from] protobuf::ProtobufError),
+    #[error("stream frame of {0} bytes exceeds the limit")]
+    FrameTooLarge(u64),
+    #[error("malformed frame length")]
+    BadLength,
+    #[error("peer {peer}: stream write stalled for {WRITE_STALL:?}")]
+    Stalled { peer: u64 },
+    #[error("peer {peer}: stream closed: {source}")]
+    Closed {
+        peer: u64,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("peer {peer}: {source}")]
     Send {
         peer: u64,
@@ -76,6 +113,36 @@ pub fn decode_batch(buf: &[u8]) -> Result<Vec<Message>, Error> {
         msgs.push(is.read_message::<Message>()?);
     }
     Ok(msgs)
+}
+
+/// Takes one length-delimited message off the front of `buf`, if it holds a whole one.
+fn next_frame(buf: &mut BytesMut) -> Result<Option<Message>, Error> {
+    let mut len: u64 = 0;
+    let mut header = 0;
+    loop {
+        let Some(&b) = buf.get(header) else {
+            return Ok(None);
+        };
+        if header == 10 {
+            return Err(Error::BadLength);
+        }
+        len |= u64::from(b & 0x7f) << (7 * header);
+        header += 1;
+        if b & 0x80 == 0 {
+            break;
+        }
+    }
+    if len > MAX_FRAME as u64 {
+        return Err(Error::FrameTooLarge(len));
+    }
+    let len = len as usize;
+    if buf.len() < header + len {
+        buf.reserve(header + len - buf.len());
+        return Ok(None);
+    }
+    buf.advance(header);
+    let frame = buf.split_to(len);
+    Ok(Some(Message::parse_from_bytes(&frame)?))
 }
 
 struct Peer {
@@ -143,6 +210,7 @@ impl Transport {
             from: self.id,
             to: id,
             endpoint: format!("{url}/raft"),
+            stream_endpoint: format!("{url}{STREAM_PATH}"),
             client: self.client.clone(),
             report_tx: self.report_tx.clone(),
             token_rejected: false,
@@ -198,10 +266,12 @@ impl Transport {
     }
 }
 
+#[derive(Clone)]
 struct PeerSender {
     from: u64,
     to: u64,
     endpoint: String,
+    stream_endpoint: String,
     client: PeerClient,
     report_tx: mpsc::UnboundedSender<Report>,
     /// Set while the peer answers 412, so that a token mismatch is logged once, not per batch.
@@ -211,9 +281,40 @@ struct PeerSender {
     logger: slog::Logger,
 }
 
+/// An open stream to a peer. Its read half only watches for the peer closing the connection
+/// (it never writes), so that the next batch opens a new stream instead of being lost.
+struct Stream {
+    w: tokio::io::WriteHalf<reqwest::Upgraded>,
+    closed: CancellationToken,
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        // Ends the watcher, which drops the read half: with both halves gone the connection
+        // closes.
+        self.closed.cancel();
+    }
+}
+
 impl PeerSender {
     async fn run(mut self, mut rx: mpsc::Receiver<Message>, stop: CancellationToken) {
+        // Snapshots wait for nothing but each other.
+        let (snap_tx, mut snap_rx) = mpsc::channel::<Message>(4);
+        let mut snapshots = self.clone();
+        let snap_stop = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let m = tokio::select! {
+                    m = snap_rx.recv() => match m { Some(m) => m, None => return },
+                    _ = snap_stop.cancelled() => return,
+                };
+                snapshots.send_snapshot(m).await;
+            }
+        });
+
+        let mut stream: Option<Stream> = None;
         let mut batch = Vec::new();
+        let mut buf = Vec::new();
         loop {
             let first = tokio::select! {
                 m = rx.recv() => match m { Some(m) => m, None => break },
@@ -226,56 +327,117 @@ impl PeerSender {
                     Err(_) => break,
                 }
             }
-            self.post(&mut batch).await;
-        }
-    }
-
-    /// Sends one batch; on failure reports the peer unreachable and any snapshot failed.
-    async fn post(&mut self, batch: &mut Vec<Message>) {
-        let snaps: Vec<u64> = batch
-            .iter()
-            .filter(|m| m.get_msg_type() == MessageType::MsgSnapshot)
-            .map(|m| m.get_snapshot().get_metadata().index)
-            .collect();
-        #[cfg(feature = "fault-injection")]
-        if let Some(f) = &self.faults {
-            let rule = f.rule(self.to);
-            if rule.drop {
-                // As a cut link: nothing arrives and raft hears the peer is unreachable.
-                batch.clear();
-                let _ = self.report_tx.send(Report::Unreachable(self.to));
-                for _ in snaps {
+            batch.retain(|m| {
+                if m.get_msg_type() != MessageType::MsgSnapshot {
+                    return true;
+                }
+                if snap_tx.try_send(m.clone()).is_err() {
+                    // One is already being sent and more are queued: raft asks again later.
                     let _ = self
                         .report_tx
                         .send(Report::Snapshot(self.to, SnapshotStatus::Failure));
                 }
-                return;
+                false
+            });
+            if batch.is_empty() || self.faulted(&mut batch).await {
+                continue;
             }
-            if !rule.delay.is_zero() {
-                tokio::time::sleep(rule.delay).await;
+            buf.clear();
+            for m in batch.drain(..) {
+                m.write_length_delimited_to_vec(&mut buf)
+                    .expect("writing a protobuf message to a Vec cannot fail");
+            }
+            if let Err(e) = self.write(&mut stream, &buf).await {
+                stream = None;
+                slog::debug!(self.logger, "stream send failed"; "error" => %e);
+                crate::metrics::peer_send_failure();
+                let _ = self.report_tx.send(Report::Unreachable(self.to));
             }
         }
-        let body = encode_batch(batch);
-        batch.clear();
-        let size = body.len();
-        let started = Instant::now();
-        if !snaps.is_empty() {
-            slog::info!(self.logger, "sending snapshot"; "index" => snaps[0], "bytes" => size);
+        // The queue closed (peer removed): flush is done, the stream closes on drop.
+    }
+
+    /// Writes `buf` to the open stream, opening one first if there is none or the peer
+    /// closed it.
+    async fn write(&mut self, stream: &mut Option<Stream>, buf: &[u8]) -> Result<(), Error> {
+        if stream.as_ref().is_some_and(|s| s.closed.is_cancelled()) {
+            *stream = None;
         }
-        // A snapshot can be large; give it time proportional to its size.
-        let timeout = Duration::from_secs(5) + Duration::from_millis(size as u64 / 10_000);
+        if stream.is_none() {
+            *stream = Some(self.open().await?);
+        }
+        let s = stream.as_mut().expect("opened above");
+        let closed = |source| Error::Closed {
+            peer: self.to,
+            source,
+        };
+        match tokio::time::timeout(WRITE_STALL, async {
+            s.w.write_all(buf).await?;
+            s.w.flush().await
+        })
+        .await
+        {
+            Ok(res) => res.map_err(closed),
+            Err(_) => Err(Error::Stalled { peer: self.to }),
+        }
+    }
+
+    async fn open(&mut self) -> Result<Stream, Error> {
         let headers = [
             (
-                "content-type",
-                HeaderValue::from_static("application/x-protobuf"),
+                header::CONNECTION.as_str(),
+                HeaderValue::from_static("upgrade"),
             ),
-            ("x-raftexample-from", HeaderValue::from(self.from)),
+            (
+                header::UPGRADE.as_str(),
+                HeaderValue::from_static(STREAM_PROTOCOL),
+            ),
+            (FROM_HEADER, HeaderValue::from(self.from)),
         ];
         let res = self
             .client
-            .post(&self.endpoint, &headers, body, timeout)
+            .upgrade(&self.stream_endpoint, &headers, STREAM_OPEN)
             .await;
-        let rejected = matches!(&res, Ok((StatusCode::PRECONDITION_FAILED, _)));
+        let up = match res {
+            Ok(Ok(up)) => up,
+            Ok(Err(status)) => {
+                self.refused(status);
+                return Err(Error::Status {
+                    peer: self.to,
+                    status,
+                });
+            }
+            Err(e) => {
+                return Err(Error::Send {
+                    peer: self.to,
+                    source: e,
+                })
+            }
+        };
+        self.token_rejected = false;
+        slog::debug!(self.logger, "stream opened");
+        let (mut r, w) = tokio::io::split(up);
+        let closed = CancellationToken::new();
+        let watch = closed.clone();
+        tokio::spawn(async move {
+            let mut sink = [0u8; 64];
+            loop {
+                tokio::select! {
+                    n = r.read(&mut sink) => if !matches!(n, Ok(n) if n > 0) { break },
+                    _ = watch.cancelled() => break,
+                }
+            }
+            watch.cancel();
+        });
+        Ok(Stream { w, closed })
+    }
+
+    /// What a refusal means: 410 is this node's removal, 412 a misconfigured token.
+    fn refused(&mut self, status: StatusCode) {
+        if status == StatusCode::GONE {
+            let _ = self.report_tx.send(Report::Removed);
+        }
+        let rejected = status == StatusCode::PRECONDITION_FAILED;
         if rejected && !self.token_rejected {
             slog::warn!(
                 self.logger,
@@ -284,23 +446,41 @@ impl PeerSender {
             );
         }
         self.token_rejected = rejected;
-        let outcome = match res {
-            Ok((status, _)) if status.is_success() => Ok(()),
-            Ok((status, _)) if status == StatusCode::GONE => {
-                let _ = self.report_tx.send(Report::Removed);
-                Err(Error::Status {
-                    peer: self.to,
-                    status,
-                })
-            }
-            Ok((status, _)) => Err(Error::Status {
+    }
+
+    /// Test hook: drops the batch (a cut link; raft hears the peer is unreachable) or delays
+    /// it. True if it was dropped.
+    #[cfg(feature = "fault-injection")]
+    async fn faulted(&self, batch: &mut Vec<Message>) -> bool {
+        let Some(f) = &self.faults else { return false };
+        let rule = f.rule(self.to);
+        if rule.drop {
+            batch.clear();
+            let _ = self.report_tx.send(Report::Unreachable(self.to));
+            return true;
+        }
+        if !rule.delay.is_zero() {
+            tokio::time::sleep(rule.delay).await;
+        }
+        false
+    }
+
+    #[cfg(not(feature = "fault-injection"))]
+    async fn faulted(&self, _batch: &mut Vec<Message>) -> bool {
+        false
+    }
+
+    /// Sends one snapshot by `POST /raft` and tells raft how it went.
+    async fn send_snapshot(&mut self, m: Message) {
+        let index = m.get_snapshot().get_metadata().index;
+        let mut batch = vec![m];
+        let outcome = if self.faulted(&mut batch).await {
+            Err(Error::Status {
                 peer: self.to,
-                status,
-            }),
-            Err(e) => Err(Error::Send {
-                peer: self.to,
-                source: e,
-            }),
+                status: StatusCode::SERVICE_UNAVAILABLE,
+            })
+        } else {
+            self.post(encode_batch(&batch), index).await
         };
         let status = match &outcome {
             Ok(()) => SnapshotStatus::Finish,
@@ -311,11 +491,46 @@ impl PeerSender {
                 SnapshotStatus::Failure
             }
         };
-        for index in snaps {
-            slog::info!(self.logger, "snapshot sent"; "index" => index, "ok" => outcome.is_ok(),
-                "bytes" => size, "ms" => started.elapsed().as_millis() as u64);
-            let _ = self.report_tx.send(Report::Snapshot(self.to, status));
-        }
+        let _ = self.report_tx.send(Report::Snapshot(self.to, status));
+    }
+
+    async fn post(&mut self, body: Vec<u8>, index: u64) -> Result<(), Error> {
+        let size = body.len();
+        let started = Instant::now();
+        slog::info!(self.logger, "sending snapshot"; "index" => index, "bytes" => size);
+        // A snapshot can be large; give it time proportional to its size.
+        let timeout = Duration::from_secs(5) + Duration::from_millis(size as u64 / 10_000);
+        let headers = [
+            (
+                "content-type",
+                HeaderValue::from_static("application/x-protobuf"),
+            ),
+            (FROM_HEADER, HeaderValue::from(self.from)),
+        ];
+        let res = self
+            .client
+            .post(&self.endpoint, &headers, body, timeout)
+            .await;
+        let outcome = match res {
+            Ok((status, _)) if status.is_success() => {
+                self.token_rejected = false;
+                Ok(())
+            }
+            Ok((status, _)) => {
+                self.refused(status);
+                Err(Error::Status {
+                    peer: self.to,
+                    status,
+                })
+            }
+            Err(e) => Err(Error::Send {
+                peer: self.to,
+                source: e,
+            }),
+        };
+        slog::info!(self.logger, "snapshot sent"; "index" => index, "ok" => outcome.is_ok(),
+            "bytes" => size, "ms" => started.elapsed().as_millis() as u64);
+        outcome
     }
 }
 
@@ -327,6 +542,8 @@ pub struct PeerState {
     pub removed: Arc<RwLock<HashSet<u64>>>,
     /// `--cluster-token`: requests without it get 412.
     pub cluster_token: HeaderValue,
+    /// Ends the streams being received.
+    pub stop: CancellationToken,
     pub logger: slog::Logger,
 }
 
@@ -336,6 +553,7 @@ pub fn router(state: PeerState) -> Router {
     let logger = state.logger.clone();
     let router = Router::new()
         .route("/raft", post(receive))
+        .route(STREAM_PATH, post(receive_stream))
         .layer(DefaultBodyLimit::disable())
         .with_state(state);
     require_cluster_token(router, token, &logger)
@@ -372,7 +590,7 @@ async fn check_token(State(check): State<TokenCheck>, req: Request, next: Next) 
         slog::warn!(check.logger, "rejected peer request with another cluster token";
             "path" => req.uri().path(),
             "token" => got.map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
-            "from" => req.headers().get("x-raftexample-from")
+            "from" => req.headers().get(FROM_HEADER)
                 .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()));
     }
     (
@@ -404,6 +622,102 @@ async fn receive(State(st): State<PeerState>, body: Bytes) -> (StatusCode, &'sta
     (StatusCode::NO_CONTENT, "")
 }
 
+/// Accepts a message stream (see the module doc): checks who opens it, answers 101 and
+/// reads frames on a task of its own until the peer closes it or this node stops.
+async fn receive_stream(State(st): State<PeerState>, mut req: Request) -> Response {
+    let from = match stream_from(req.headers()) {
+        Ok(from) => from,
+        Err(why) => return (StatusCode::BAD_REQUEST, why).into_response(),
+    };
+    if st.removed.read().expect("removed-set lock").contains(&from) {
+        return (StatusCode::GONE, "member removed from the cluster\n").into_response();
+    }
+    let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "this connection cannot be upgraded\n",
+        )
+            .into_response();
+    };
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(up) => {
+                let io = hyper_util::rt::TokioIo::new(up);
+                if let Err(e) = read_stream(io, &st, from).await {
+                    slog::warn!(st.logger, "closed a peer stream"; "from" => from, "error" => %e);
+                }
+            }
+            Err(e) => {
+                slog::debug!(st.logger, "stream upgrade failed"; "from" => from, "error" => %e)
+            }
+        }
+    });
+    (
+        StatusCode::SWITCHING_PROTOCOLS,
+        [
+            (header::CONNECTION, "upgrade"),
+            (header::UPGRADE, STREAM_PROTOCOL),
+        ],
+    )
+        .into_response()
+}
+
+fn stream_from(headers: &HeaderMap) -> Result<u64, &'static str> {
+    let upgrade = headers.get(header::UPGRADE).map(HeaderValue::as_bytes);
+    if upgrade != Some(STREAM_PROTOCOL.as_bytes()) {
+        return Err("expected Upgrade: raftexample-raft/1\n");
+    }
+    headers
+        .get(FROM_HEADER)
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .ok_or("missing or invalid X-Raftexample-From\n")
+}
+
+/// Forwards every frame of one stream to raft. Ends quietly when the peer closes the stream
+/// or this node stops; an error is a malformed stream, or a message from a removed member.
+async fn read_stream<R: AsyncRead + Unpin>(
+    mut io: R,
+    st: &PeerState,
+    from: u64,
+) -> Result<(), Error> {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    loop {
+        while let Some(m) = next_frame(&mut buf)? {
+            if m.from != from
+                && st
+                    .removed
+                    .read()
+                    .expect("removed-set lock")
+                    .contains(&m.from)
+            {
+                return Err(Error::Status {
+                    peer: m.from,
+                    status: StatusCode::GONE,
+                });
+            }
+            if st.raft_msg_tx.send(m).await.is_err() {
+                return Ok(()); // raft stopped
+            }
+        }
+        if st.removed.read().expect("removed-set lock").contains(&from) {
+            // Closing makes the sender reopen, and the reopening gets 410.
+            return Ok(());
+        }
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(64 * 1024);
+        }
+        let n = tokio::select! {
+            n = io.read_buf(&mut buf) => n,
+            _ = st.stop.cancelled() => return Ok(()),
+        };
+        match n {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(_) => return Ok(()), // the peer went away; it reopens when it comes back
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -422,5 +736,39 @@ mod tests {
         assert_eq!(got, vec![a, b]);
         assert!(decode_batch(&[0x05, 0x01]).is_err());
         assert!(decode_batch(&[]).unwrap().is_empty());
+    }
+
+    /// A stream delivers frames in pieces of any size; each message comes out once whole.
+    #[test]
+    fn stream_frames_survive_any_split() {
+        let mut a = Message::default();
+        a.set_msg_type(MessageType::MsgAppend);
+        a.to = 2;
+        a.mut_entries().push(raft::prelude::Entry {
+            data: vec![7; 300].into(),
+            ..Default::default()
+        });
+        let mut b = Message::default();
+        b.set_msg_type(MessageType::MsgHeartbeat);
+        b.context = vec![1, 2, 3].into();
+        let wire = encode_batch(&[a.clone(), b.clone(), a.clone()]);
+        for step in [1, 2, 7, 300, wire.len()] {
+            let mut buf = BytesMut::new();
+            let mut got = Vec::new();
+            for chunk in wire.chunks(step) {
+                buf.extend_from_slice(chunk);
+                while let Some(m) = next_frame(&mut buf).unwrap() {
+                    got.push(m);
+                }
+            }
+            assert_eq!(got, vec![a.clone(), b.clone(), a.clone()], "step {step}");
+            assert!(buf.is_empty());
+        }
+        let mut huge = BytesMut::from(&[0xff, 0xff, 0xff, 0xff, 0x7f][..]);
+        assert!(matches!(next_frame(&mut huge), Err(Error::FrameTooLarge(_))));
+        let mut endless = BytesMut::from(&[0x80; 11][..]);
+        assert!(matches!(next_frame(&mut endless), Err(Error::BadLength)));
+        let mut garbage = BytesMut::from(&[0x02, 0xff, 0xff][..]);
+        assert!(matches!(next_frame(&mut garbage), Err(Error::Decode(_))));
     }
 }
