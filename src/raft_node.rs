@@ -183,6 +183,9 @@ pub struct RaftNode {
     snapshot_done_rx: Option<mpsc::UnboundedReceiver<SnapshotDone>>,
     /// Number of a Ready carrying a leader's snapshot that the writer has not yet persisted.
     snapshot_persisting: Option<u64>,
+    /// Number of the last Ready handed to the writer, and of the last it reported durable.
+    submitted: u64,
+    persisted: u64,
     status: Arc<Mutex<NodeStatus>>,
     members_changed: bool,
     exit: Option<Exit>,
@@ -415,6 +418,8 @@ impl RaftNode {
             snapshot_done_tx,
             snapshot_done_rx: Some(snapshot_done_rx),
             snapshot_persisting: None,
+            submitted: 0,
+            persisted: 0,
             status: shared.status.clone(),
             members_changed: true,
             exit: None,
@@ -484,6 +489,8 @@ impl RaftNode {
                     }
                     return Err(e);
                 }
+                // A round just answered lets the reads queued behind it go.
+                self.reads.flush(&mut self.node);
             }
             self.publish_status();
             if self.exit.is_some() {
@@ -688,11 +695,24 @@ impl RaftNode {
         if let Some(hs) = &hs {
             store.set_hard_state(hs.clone());
         }
-        let messages = rd.take_persisted_messages();
-        if !entries.is_empty() || hs.is_some() || !messages.is_empty() || !rd.snapshot().is_empty()
+        let mut messages = rd.take_persisted_messages();
+        let nothing_to_persist = entries.is_empty() && hs.is_none() && rd.snapshot().is_empty();
+        if nothing_to_persist
+            && messages
+                .iter()
+                .all(|m| m.get_msg_type() == MessageType::MsgHeartbeatResponse)
         {
+            // A heartbeat response promises nothing about this node's log or vote, so it need
+            // not queue behind earlier writes: this keeps a ReadIndex round (heartbeat out,
+            // responses back) off the WAL writer thread.
+            self.send(std::mem::take(&mut messages));
+        }
+        let number = rd.number();
+        let to_writer = !nothing_to_persist || !messages.is_empty();
+        if to_writer {
+            self.submitted = number;
             self.submit(Job::Append {
-                number: rd.number(),
+                number,
                 entries,
                 hs,
                 sync: rd.must_sync(),
@@ -709,6 +729,11 @@ impl RaftNode {
             self.snapshot_persisting = Some(rd.number());
         }
         self.node.advance_append_async(rd);
+        if !to_writer && self.persisted == self.submitted {
+            // Nothing of this Ready to persist and nothing before it pending: it is durable
+            // now. (With writes pending, the next one the writer reports covers it.)
+            self.node.on_persist_ready(number);
+        }
         if self.snapshot_persisting.is_none() {
             self.node.advance_apply();
         }
@@ -730,6 +755,7 @@ impl RaftNode {
     /// The writer made Ready `number` durable: release what waited for it.
     fn on_persisted(&mut self, p: Result<Persisted, WriterError>) -> Result<()> {
         let p = p.map_err(writer_error)?;
+        self.persisted = p.number;
         self.send(p.messages);
         self.node.on_persist_ready(p.number);
         if self.snapshot_persisting.is_some_and(|n| n <= p.number) {
@@ -990,9 +1016,10 @@ impl RaftNode {
     }
 }
 
-/// Batches linearizable reads: every read queued while a round is prepared shares one
-/// ReadIndex request. Any read state for round `c` also answers rounds issued before it, since
-/// they started earlier.
+/// Batches linearizable reads: one ReadIndex round is in flight at a time, and every read that
+/// arrives meanwhile waits for the next, which they all share (as etcd's read loop does); under
+/// load a round answers as many reads as there are clients, for one heartbeat exchange. Any
+/// read state for round `c` also answers rounds issued before it, since they started earlier.
 #[derive(Default)]
 struct ReadBatcher {
     queued: Vec<ReadRequest>,
@@ -1010,7 +1037,7 @@ impl ReadBatcher {
     }
 
     fn flush(&mut self, node: &mut RawNode<RaftStorage>) {
-        if self.queued.is_empty() {
+        if self.queued.is_empty() || !self.inflight.is_empty() {
             return;
         }
         let batch = std::mem::take(&mut self.queued);

@@ -765,7 +765,10 @@ mod tests {
             assert!(buf.is_empty());
         }
         let mut huge = BytesMut::from(&[0xff, 0xff, 0xff, 0xff, 0x7f][..]);
-        assert!(matches!(next_frame(&mut huge), Err(Error::FrameTooLarge(_))));
+        assert!(matches!(
+            next_frame(&mut huge),
+            Err(Error::FrameTooLarge(_))
+        ));
         let mut endless = BytesMut::from(&[0x80; 11][..]);
         assert!(matches!(next_frame(&mut endless), Err(Error::BadLength)));
         let mut garbage = BytesMut::from(&[0x02, 0xff, 0xff][..]);
