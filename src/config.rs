@@ -43,7 +43,8 @@ pub struct Config {
     #[arg(long)]
     pub listen_host: Option<String>,
 
-    /// Take a snapshot (and compact the log) after this many applied entries.
+    /// Take a snapshot (and compact the log) after this many applied entries; once snapshots
+    /// exceed 4 MiB, also only after the log since the last one holds half its size.
     #[arg(long, default_value_t = 10_000)]
     pub snapshot_count: u64,
 

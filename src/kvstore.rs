@@ -15,35 +15,47 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::raft_node::SnapshotSource;
+
 /// The committed key-value pairs. Keys are the request paths, as raftexample has them. A
 /// persistent map: cloning it is O(1), so a snapshot captures it without stopping anything and
 /// serialises it elsewhere. It serialises exactly as a `std` HashMap would.
 pub type Map = imbl::HashMap<Vec<u8>, Vec<u8>>;
 
-/// Appends a captured map in the snapshot format: the pair count, then each key and value
-/// with its length.
-pub fn encode_into(map: &Map, buf: &mut Vec<u8>) {
-    buf.reserve(
-        8 + map
+/// A map captured for a snapshot (an O(1) clone), written in the snapshot format: the pair
+/// count, then each key and value with its length.
+pub struct Captured(pub Map);
+
+impl SnapshotSource for Captured {
+    fn encoded_len(&self) -> u64 {
+        8 + self
+            .0
             .iter()
-            .map(|(k, v)| 16 + k.len() + v.len())
-            .sum::<usize>(),
-    );
-    put_u64(buf, map.len() as u64);
-    for (k, v) in map {
-        put_bytes(buf, k);
-        put_bytes(buf, v);
+            .map(|(k, v)| 16 + k.len() as u64 + v.len() as u64)
+            .sum::<u64>()
+    }
+
+    fn write_to(&self, w: &mut dyn std::io::Write) -> std::io::Result<()> {
+        w.write_all(&(self.0.len() as u64).to_le_bytes())?;
+        for (k, v) in &self.0 {
+            w.write_all(&(k.len() as u64).to_le_bytes())?;
+            w.write_all(k)?;
+            w.write_all(&(v.len() as u64).to_le_bytes())?;
+            w.write_all(v)?;
+        }
+        Ok(())
     }
 }
 
-/// A captured map in the snapshot format.
+/// A map in the snapshot format.
 pub fn encode(map: &Map) -> Vec<u8> {
-    let mut buf = Vec::new();
-    encode_into(map, &mut buf);
+    let c = Captured(map.clone());
+    let mut buf = Vec::with_capacity(c.encoded_len() as usize);
+    c.write_to(&mut buf).expect("writing to a Vec cannot fail");
     buf
 }
 
-/// The map encoded by [`encode_into`].
+/// The map encoded by [`Captured`].
 pub fn decode(mut buf: &[u8]) -> Result<Map, DecodeError> {
     let n = get_u64(&mut buf)?;
     let mut map = Map::new();
@@ -433,6 +445,7 @@ mod tests {
         let std: std::collections::HashMap<_, _> = map.clone().into_iter().collect();
         assert_eq!(decode(&bincode::serialize(&std).unwrap()).unwrap(), map);
         let enc = encode(&map);
+        assert_eq!(enc.len() as u64, Captured(map.clone()).encoded_len());
         assert_eq!(decode(&enc).unwrap(), map);
 
         for cut in 0..enc.len() {

@@ -191,10 +191,7 @@ pub async fn run(
         peer_client,
     } = start_raft(
         &cfg,
-        Box::new(move || {
-            let map = snap_kv.capture();
-            Box::new(move |buf: &mut Vec<u8>| kvstore::encode_into(&map, buf))
-        }),
+        Box::new(move || Box::new(kvstore::Captured(snap_kv.capture()))),
         propose_rx,
         conf_change_rx,
         read_rx,

@@ -34,6 +34,11 @@ const DRAIN: usize = 4096;
 /// Ticks after which an unanswered ReadIndex round is issued again (the first may have been
 /// dropped by a leader change).
 const READ_RETRY_TICKS: u32 = 5;
+/// Above this size a snapshot is taken only once the log since the last one holds at least
+/// half its bytes (as well as `--snapshot-count` entries): each snapshot rewrites the whole
+/// map, so with a fixed entry count a growing map makes every snapshot dearer, while this keeps
+/// the snapshot work per byte written constant. Small maps keep raftexample's plain count.
+const AMORTIZE_ABOVE: u64 = 4 << 20;
 /// How long a stopping leader waits for its successor to take over.
 const HANDOVER: Duration = Duration::from_secs(1);
 
@@ -102,20 +107,16 @@ struct SnapshotData {
     kv: Bytes,
 }
 
-/// Builds the payload in one buffer: the state machine appends the map in place, so a large
-/// snapshot exists once in memory, not three times (map, payload, protobuf).
-fn encode_snapshot_data(
+/// The payload up to the map: members, removed ids and the map's length. The map follows,
+/// streamed by the state machine straight into the `.snap` file.
+fn snapshot_data_header(
     members: &BTreeMap<u64, String>,
     removed: &BTreeSet<u64>,
-    source: SnapshotSource,
+    kv_len: u64,
 ) -> Vec<u8> {
     let mut buf =
         bincode::serialize(&(members, removed)).expect("serialising ids and strings cannot fail");
-    let at = buf.len();
-    buf.extend_from_slice(&[0; 8]);
-    source(&mut buf);
-    let kv_len = (buf.len() - at - 8) as u64;
-    buf[at..at + 8].copy_from_slice(&kv_len.to_le_bytes());
+    buf.extend_from_slice(&kv_len.to_le_bytes());
     buf
 }
 
@@ -173,6 +174,9 @@ pub struct RaftNode {
     /// Index of the last entry handed to the kvstore.
     applied: u64,
     snapshot_index: u64,
+    /// Payload size of the newest snapshot, and entry bytes applied since it was taken.
+    snapshot_bytes: u64,
+    log_bytes: u64,
     /// Fires when the kvstore has applied the last batch sent (raftexample's `applyDoneC`).
     last_apply_done: Option<oneshot::Receiver<()>>,
     pending_cc: HashMap<u64, oneshot::Sender<Result<(), ConfChangeError>>>,
@@ -202,17 +206,30 @@ fn writer_error(e: WriterError) -> Error {
     }
 }
 
-/// Serialises the application state for a snapshot (raftexample's `getSnapshot`); called only
+/// Captures the application state for a snapshot (raftexample's `getSnapshot`); called only
 /// once the application has applied every batch sent so far.
 ///
-/// It is split in two: the outer call runs on the raft loop and must be cheap (capture the
-/// state, e.g. an O(1) clone of a persistent map); the closure it returns does the expensive
-/// serialisation on a snapshot thread, appending to the buffer it is given.
-pub type GetSnapshot = Box<dyn Fn() -> SnapshotSource + Send>;
-pub type SnapshotSource = Box<dyn FnOnce(&mut Vec<u8>) + Send>;
+/// It is split in two: this call runs on the raft loop and must be cheap (e.g. an O(1) clone
+/// of a persistent map); the [`SnapshotSource`] it returns does the expensive serialisation on
+/// a snapshot thread, straight into the `.snap` file.
+pub type GetSnapshot = Box<dyn Fn() -> Box<dyn SnapshotSource> + Send>;
+
+/// Captured application state.
+pub trait SnapshotSource: Send {
+    /// Exactly how many bytes `write_to` writes.
+    fn encoded_len(&self) -> u64;
+    fn write_to(&self, w: &mut dyn std::io::Write) -> std::io::Result<()>;
+}
+
+/// A `.snap` file the snapshot thread wrote: its metadata, path and data size.
+struct Written {
+    meta: SnapshotMetadata,
+    path: std::path::PathBuf,
+    data_len: u64,
+}
 
 /// A snapshot written by the snapshot thread, or why it could not be.
-type SnapshotDone = std::result::Result<Snapshot, crate::snap::Error>;
+type SnapshotDone = std::result::Result<Written, crate::snap::Error>;
 
 /// Everything shared between the raft task and the rest of the process.
 pub struct Shared {
@@ -274,6 +291,7 @@ impl RaftNode {
             peers.iter().map(|(id, u)| (*id, u.url.clone())).collect();
         let mut removed = HashSet::new();
         let mut snapshot_index = 0;
+        let mut snapshot_bytes = 0;
 
         // Only a snapshot the WAL vouches for (its marker is at or below the durable commit)
         // matches the log that follows.
@@ -286,6 +304,7 @@ impl RaftNode {
         if let Some(snap) = snapshotter.load_newest_available(&valid)? {
             let meta = snap.get_metadata();
             snapshot_index = meta.index;
+            snapshot_bytes = snap.data.len() as u64;
             let data = decode_snapshot_data(&snap.data).map_err(|e| {
                 Error::Recovery(format!(
                     "snapshot at index {} does not decode: {e}",
@@ -301,7 +320,9 @@ impl RaftNode {
                     data: data.kv,
                 })
                 .map_err(|_| Error::Recovery("the kvstore stopped".into()))?;
+            let path = snapshotter.path(meta.term, meta.index);
             storage.apply_snapshot(snap)?;
+            storage.release_snapshot_data(path);
         } else if valid.iter().any(|&(_, i)| i > 0) {
             return Err(Error::Recovery(
                 "the WAL references snapshots but no matching .snap file is readable".into(),
@@ -411,6 +432,8 @@ impl RaftNode {
             removed: shared.removed.clone(),
             applied,
             snapshot_index,
+            snapshot_bytes,
+            log_bytes: 0,
             last_apply_done: None,
             pending_cc: HashMap::new(),
             reads: ReadBatcher::default(),
@@ -777,6 +800,7 @@ impl RaftNode {
     /// (the nil-on-commitC of raftexample).
     async fn install_snapshot(&mut self, snap: Snapshot) -> Result<()> {
         let index = snap.get_metadata().index;
+        let snap_bytes = snap.data.len() as u64;
         let data = decode_snapshot_data(&snap.data).map_err(|e| {
             Error::Recovery(format!(
                 "snapshot at index {index} from the leader does not decode: {e}"
@@ -804,6 +828,8 @@ impl RaftNode {
         .await?;
         self.applied = index;
         self.snapshot_index = index;
+        self.snapshot_bytes = snap_bytes;
+        self.log_bytes = 0;
         self.purge()
     }
 
@@ -826,6 +852,7 @@ impl RaftNode {
             if e.index <= self.applied {
                 continue;
             }
+            self.log_bytes += e.data.len() as u64;
             match e.get_entry_type() {
                 // An empty entry is a new leader's no-op.
                 EntryType::EntryNormal if !e.data.is_empty() => data.push(e.data),
@@ -906,13 +933,16 @@ impl RaftNode {
         }
     }
 
-    /// raftexample's `maybeTriggerSnapshot`: every `snapshot_count` applied entries, capture
-    /// the map once it has caught up, and let a snapshot thread serialise it and write the
+    /// raftexample's `maybeTriggerSnapshot`: every `snapshot_count` applied entries (and, for
+    /// a large map, see [`AMORTIZE_ABOVE`]), capture the map once it has caught up, and let a snapshot thread serialise it and write the
     /// `.snap` file; [`Self::on_snapshot_written`] then compacts the log.
     async fn maybe_trigger_snapshot(&mut self) -> Result<()> {
-        if self.snapshot_in_flight || self.applied - self.snapshot_index <= self.snapshot_count {
+        let due = self.applied - self.snapshot_index > self.snapshot_count
+            && (self.snapshot_bytes < AMORTIZE_ABOVE || 2 * self.log_bytes >= self.snapshot_bytes);
+        if self.snapshot_in_flight || !due {
             return Ok(());
         }
+        self.log_bytes = 0;
         if let Some(done) = self.last_apply_done.take() {
             // The map must hold exactly the entries up to `applied`.
             let _ = done.await;
@@ -936,17 +966,27 @@ impl RaftNode {
         std::thread::Builder::new()
             .name("snapshot".into())
             .spawn(move || {
-                let mut snap = Snapshot {
-                    data: encode_snapshot_data(&members, &removed, source).into(),
+                let kv_len = source.encoded_len();
+                let header = snapshot_data_header(&members, &removed, kv_len);
+                let data_len = header.len() as u64 + kv_len;
+                let mut meta = SnapshotMetadata {
+                    index,
+                    term,
                     ..Default::default()
                 };
-                let meta = snap.mut_metadata();
-                meta.index = index;
-                meta.term = term;
                 meta.set_conf_state(cs);
                 let res = Snapshotter::new(&snap_dir, &logger)
-                    .and_then(|s| s.save(&snap))
-                    .map(|()| snap);
+                    .and_then(|s| {
+                        s.save_with(&meta, data_len, |w| {
+                            w.write_all(&header)?;
+                            source.write_to(w)
+                        })
+                    })
+                    .map(|path| Written {
+                        meta,
+                        path,
+                        data_len,
+                    });
                 slog::info!(logger, "snapshot written"; "index" => index,
                     "ms" => started.elapsed().as_millis() as u64);
                 let _ = done_tx.send(res);
@@ -964,15 +1004,18 @@ impl RaftNode {
     /// purge what it makes obsolete.
     fn on_snapshot_written(&mut self, done: SnapshotDone) -> Result<()> {
         self.snapshot_in_flight = false;
-        let snap = done?;
-        let meta = snap.get_metadata();
-        let (index, term) = (meta.index, meta.term);
+        let done = done?;
+        let (index, term) = (done.meta.index, done.meta.term);
         if index <= self.snapshot_index {
             // A newer snapshot came from the leader meanwhile.
             return Ok(());
         }
-        // The data is `Bytes`: the copy raft serves to followers shares it.
-        self.node.mut_store().set_snapshot(snap);
+        self.snapshot_bytes = done.data_len;
+        // Raft reads the data back from the file if a follower needs it; keeping it in memory
+        // would double the peak footprint of a large map.
+        self.node
+            .mut_store()
+            .set_snapshot_on_disk(done.meta, done.path);
         self.snapshot_index = index;
         let compact = index.saturating_sub(self.catchup_entries);
         if compact > 0 {
@@ -1120,12 +1163,8 @@ mod tests {
             [(1, "http://a".to_string()), (3, "http://c".into())].into();
         let removed: BTreeSet<u64> = [2].into();
         let kv = b"map bytes".to_vec();
-        let kv2 = kv.clone();
-        let enc = encode_snapshot_data(
-            &members,
-            &removed,
-            Box::new(move |b| b.extend_from_slice(&kv2)),
-        );
+        let mut enc = snapshot_data_header(&members, &removed, kv.len() as u64);
+        enc.extend_from_slice(&kv);
         let old = bincode::serialize(&Bincode {
             members: &members,
             removed: &removed,

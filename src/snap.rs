@@ -9,11 +9,11 @@
 //! `<name>.broken` and kept for inspection.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Seek, Write};
 use std::path::{Path, PathBuf};
 
 use protobuf::Message;
-use raft::prelude::Snapshot;
+use raft::prelude::{Snapshot, SnapshotMetadata};
 use slog::{info, o, warn, Logger};
 
 const EXT: &str = ".snap";
@@ -74,28 +74,54 @@ impl Snapshotter {
     /// Writes the snapshot durably as `%016x-%016x.snap` (term, index). An
     /// empty snapshot (index 0) carries nothing to restore and is not
     /// written, as in etcd.
-    pub fn save(&self, snap: &Snapshot) -> Result<(), Error> {
-        let meta = snap.get_metadata();
-        if meta.index == 0 {
-            return Ok(());
-        }
-        let (head, data, tail) = encode_parts(snap)?;
-        let crc = [&head[..], data, &tail]
-            .iter()
-            .fold(0, |crc, part| crc32c::crc32c_append(crc, part));
+    pub fn save(&self, snap: &Snapshot) -> Result<PathBuf, Error> {
+        self.save_with(snap.get_metadata(), snap.data.len() as u64, |w| {
+            w.write_all(&snap.data)
+        })
+    }
+
+    /// [`Self::save`] for a snapshot whose `data_len` bytes of data `write_data` produces
+    /// as it goes, so that a large state is streamed to the file and never held in memory
+    /// whole. Returns the file's path.
+    pub fn save_with(
+        &self,
+        meta: &SnapshotMetadata,
+        data_len: u64,
+        write_data: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+    ) -> Result<PathBuf, Error> {
         let name = file_name(meta.term, meta.index);
         let path = self.dir.join(&name);
+        if meta.index == 0 {
+            return Ok(path);
+        }
+        let (head, tail) = encode_frame(meta, data_len)?;
         let tmp = self.dir.join(format!("{name}.tmp"));
         let write_tmp = || -> io::Result<()> {
-            let mut f = OpenOptions::new()
+            let f = OpenOptions::new()
                 .write(true)
                 .create(true)
                 .truncate(true)
                 .open(&tmp)?;
+            // The CRC comes first in the file but is known last.
+            let mut w = CrcWriter {
+                inner: io::BufWriter::with_capacity(1 << 20, f),
+                crc: 0,
+                written: 0,
+            };
+            w.inner.write_all(&[0; 4])?;
+            w.write_all(&head)?;
+            write_data(&mut w)?;
+            let got = w.written - head.len() as u64;
+            if got != data_len {
+                return Err(io::Error::other(format!(
+                    "snapshot data is {got} bytes, {data_len} announced"
+                )));
+            }
+            w.write_all(&tail)?;
+            let crc = w.crc;
+            let mut f = w.inner.into_inner().map_err(|e| e.into_error())?;
+            f.seek(io::SeekFrom::Start(0))?;
             f.write_all(&crc.to_le_bytes())?;
-            f.write_all(&head)?;
-            f.write_all(data)?;
-            f.write_all(&tail)?;
             f.sync_all()
         };
         if let Err(e) = write_tmp() {
@@ -107,8 +133,13 @@ impl Snapshotter {
         sync_dir(&self.dir)?;
         info!(self.logger, "saved snapshot";
             "term" => meta.term, "index" => meta.index,
-            "bytes" => 4 + head.len() + data.len() + tail.len());
-        Ok(())
+            "bytes" => 4 + head.len() as u64 + data_len + tail.len() as u64);
+        Ok(path)
+    }
+
+    /// Where the snapshot `(term, index)` is (or would be) saved.
+    pub fn path(&self, term: u64, index: u64) -> PathBuf {
+        self.dir.join(file_name(term, index))
     }
 
     /// Returns the newest snapshot whose `(term, index)` is one of
@@ -240,18 +271,16 @@ fn sync_dir(dir: &Path) -> Result<(), Error> {
         .map_err(|e| Error::io(dir, e))
 }
 
-type Parts<'a> = (Vec<u8>, &'a [u8], Vec<u8>);
-
-/// `snap.write_to_bytes()` in three parts, so that the data (the whole state machine) is
-/// written from where it is instead of being copied once more: field 1's tag and length, the
-/// data itself, then the metadata field.
-fn encode_parts(snap: &Snapshot) -> Result<Parts<'_>, Error> {
+/// What surrounds the data in the file's protobuf `Snapshot`: field 1's tag and length before
+/// it, the metadata field after it. Together with the data, the same bytes as
+/// `write_to_bytes()`.
+fn encode_frame(meta: &SnapshotMetadata, data_len: u64) -> Result<(Vec<u8>, Vec<u8>), Error> {
     let encode = |e: protobuf::ProtobufError| Error::Encode {
         reason: e.to_string(),
     };
     let mut head = Vec::new();
-    if !snap.data.is_empty() {
-        let len = u32::try_from(snap.data.len()).map_err(|_| Error::Encode {
+    if data_len > 0 {
+        let len = u32::try_from(data_len).map_err(|_| Error::Encode {
             reason: "snapshot data over 4 GiB".into(),
         })?;
         let mut os = protobuf::CodedOutputStream::vec(&mut head);
@@ -261,17 +290,44 @@ fn encode_parts(snap: &Snapshot) -> Result<Parts<'_>, Error> {
             .map_err(encode)?;
     }
     let mut meta_only = Snapshot::default();
-    if snap.has_metadata() {
-        meta_only.set_metadata(snap.get_metadata().clone());
-    }
+    meta_only.set_metadata(meta.clone());
     let tail = meta_only.write_to_bytes().map_err(encode)?;
-    Ok((head, &snap.data, tail))
+    Ok((head, tail))
+}
+
+/// Checksums (CRC-32C) and counts what passes through.
+struct CrcWriter<W> {
+    inner: W,
+    crc: u32,
+    written: u64,
+}
+
+impl<W: Write> Write for CrcWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.crc = crc32c::crc32c_append(self.crc, &buf[..n]);
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Reads the snapshot file at `path`, named after `(term, index)`, and checks it.
+pub fn read(path: &Path, term: u64, index: u64) -> Result<Snapshot, Error> {
+    let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+    decode(&bytes, term, index).map_err(|reason| Error::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use raft::prelude::{ConfState, SnapshotMetadata};
+    use raft::prelude::ConfState;
     use tempfile::TempDir;
 
     fn logger() -> Logger {
@@ -333,22 +389,30 @@ mod tests {
         assert_eq!(got, snap(2, 0x1f));
     }
 
-    /// The file holds exactly the protobuf encoding, though it is written in parts.
+    /// The file holds exactly the CRC and protobuf encoding, though it is streamed in parts;
+    /// a writer that produces other than the announced length leaves no file behind.
     #[test]
-    fn parts_are_the_protobuf_encoding() {
+    fn streamed_file_is_the_protobuf_encoding() {
+        let tmp = TempDir::new().unwrap();
+        let s = Snapshotter::new(tmp.path(), &logger()).unwrap();
         let mut big = snap(3, 9);
         big.data = vec![7; 300_000].into();
-        let no_data = Snapshot {
-            metadata: big.metadata.clone(),
-            ..Default::default()
-        };
-        for s in [snap(2, 5), big, no_data] {
-            let (head, data, tail) = encode_parts(&s).unwrap();
-            assert_eq!(
-                [&head[..], data, &tail].concat(),
-                s.write_to_bytes().unwrap()
-            );
+        let mut no_data = snap(4, 10);
+        no_data.data = Default::default();
+        for snap in [snap(2, 5), big, no_data] {
+            let path = s.save(&snap).unwrap();
+            let payload = snap.write_to_bytes().unwrap();
+            let mut want = crc32c::crc32c(&payload).to_le_bytes().to_vec();
+            want.extend_from_slice(&payload);
+            assert_eq!(fs::read(&path).unwrap(), want);
+            let meta = snap.get_metadata();
+            assert_eq!(read(&path, meta.term, meta.index).unwrap(), snap);
         }
+        let short = s.save_with(snap(5, 11).get_metadata(), 10, |w| w.write_all(b"abc"));
+        assert!(short.is_err());
+        assert!(!files(tmp.path())
+            .iter()
+            .any(|f| f.contains("000000000000000b")));
     }
 
     #[test]

@@ -5,17 +5,23 @@
 //! serve a snapshot that carries data and loses the term of the compaction point, which is why
 //! this exists. It reads and writes no channel.
 
+use std::path::PathBuf;
+
 use raft::prelude::*;
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 
-/// Entries since the last compaction plus the last snapshot (with its data).
+/// Entries since the last compaction plus the last snapshot (its data in memory, or in its
+/// `.snap` file).
 ///
 /// `ents[0]` is a dummy entry whose index and term are those of the compaction point, so
 /// `term(first_index - 1)` always answers, as raft requires.
 pub struct RaftStorage {
     hard_state: HardState,
-    /// The newest snapshot, data included, served to followers behind the compacted log.
+    /// The newest snapshot, served to followers behind the compacted log.
     snapshot: Snapshot,
+    /// Set when `snapshot` carries only metadata and its data is read from this file on
+    /// demand (raft asks only when a follower is behind the compacted log).
+    snapshot_file: Option<PathBuf>,
     conf_state: ConfState,
     ents: Vec<Entry>,
 }
@@ -25,6 +31,7 @@ impl Default for RaftStorage {
         RaftStorage {
             hard_state: HardState::default(),
             snapshot: Snapshot::default(),
+            snapshot_file: None,
             conf_state: ConfState::default(),
             ents: vec![Entry::default()],
         }
@@ -89,6 +96,7 @@ impl RaftStorage {
         }
         self.conf_state = meta.get_conf_state().clone();
         self.snapshot = snap;
+        self.snapshot_file = None;
         Ok(())
     }
 
@@ -116,6 +124,7 @@ impl RaftStorage {
         meta.term = term;
         meta.set_conf_state(cs);
         self.snapshot = snap;
+        self.snapshot_file = None;
         Ok(&self.snapshot)
     }
 
@@ -127,7 +136,25 @@ impl RaftStorage {
             return false;
         }
         self.snapshot = snap;
+        self.snapshot_file = None;
         true
+    }
+
+    /// [`Self::set_snapshot`] for a snapshot whose data stays in the `.snap` file at `path`.
+    pub fn set_snapshot_on_disk(&mut self, meta: SnapshotMetadata, path: PathBuf) -> bool {
+        let mut snap = Snapshot::default();
+        snap.set_metadata(meta);
+        let adopted = self.set_snapshot(snap);
+        if adopted {
+            self.snapshot_file = Some(path);
+        }
+        adopted
+    }
+
+    /// Drops the in-memory data of the current snapshot, which is durable in `path`.
+    pub fn release_snapshot_data(&mut self, path: PathBuf) {
+        self.snapshot.data = Default::default();
+        self.snapshot_file = Some(path);
     }
 
     /// Drops entries before `compact_index`; it becomes the new dummy entry.
@@ -225,7 +252,13 @@ impl Storage for RaftStorage {
             // without a snapshot, which this crate never does.
             return Err(store_err(StorageError::SnapshotTemporarilyUnavailable));
         }
-        Ok(self.snapshot.clone())
+        let Some(path) = &self.snapshot_file else {
+            return Ok(self.snapshot.clone());
+        };
+        let meta = self.snapshot.get_metadata();
+        // Unreadable now (being purged, disk trouble): raft asks again later.
+        crate::snap::read(path, meta.term, meta.index)
+            .map_err(|_| store_err(StorageError::SnapshotTemporarilyUnavailable))
     }
 }
 
@@ -255,6 +288,33 @@ mod tests {
         assert_eq!(s.last_index().unwrap(), 4);
         assert_eq!(s.term(3).unwrap(), 2);
         assert_eq!(s.term(2).unwrap(), 1);
+    }
+
+    /// A snapshot kept on disk is read back whole when raft asks for it; while its file is
+    /// unreadable raft is told to retry later.
+    #[test]
+    fn snapshot_on_disk_is_served_from_its_file() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let snapper = crate::snap::Snapshotter::new(dir.path(), &logger).unwrap();
+        let mut s = storage_with(10);
+        let mut snap = Snapshot {
+            data: b"\xffmap".to_vec().into(),
+            ..Default::default()
+        };
+        snap.mut_metadata().index = 8;
+        snap.mut_metadata().term = 1;
+        let path = snapper.save(&snap).unwrap();
+        assert!(s.set_snapshot_on_disk(snap.get_metadata().clone(), path.clone()));
+        assert!(s.last_snapshot().data.is_empty());
+        assert_eq!(s.snapshot(0, 2).unwrap(), snap);
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(
+            s.snapshot(0, 2),
+            Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable
+            ))
+        ));
     }
 
     #[test]

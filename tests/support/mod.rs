@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use raftexample::kvstore::{encode_into, Apply, Map, Proposal};
+use raftexample::kvstore::{Apply, Captured, Map, Proposal};
 use raftexample::raft_node::{ConfChangeRequest, ReadRequest};
 use raftexample::{start_raft, Config, RaftHandle};
 use tokio::net::TcpListener;
@@ -96,7 +96,7 @@ impl RawTestNode {
         let stop = CancellationToken::new();
         let handle = start_raft(
             &cfg,
-            Box::new(|| Box::new(|buf: &mut Vec<u8>| encode_into(&Map::new(), buf))),
+            Box::new(|| Box::new(Captured(Map::new()))),
             propose_rx,
             conf_change_rx,
             read_rx,
