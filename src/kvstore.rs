@@ -121,11 +121,11 @@ pub enum Apply {
 }
 
 /// One proposal for the raft task (the counterpart of raftexample's `proposeC`). `done` says
-/// whether raft accepted it; acceptance is not commitment.
+/// whether raft accepted it, or why not; acceptance is not commitment.
 #[derive(Debug)]
 pub struct Proposal {
     pub data: Vec<u8>,
-    pub done: oneshot::Sender<Result<(), raft::Error>>,
+    pub done: oneshot::Sender<Result<(), String>>,
 }
 
 /// The replicated command: a PUT tagged with an id unique to the proposing node's run, so that
@@ -301,7 +301,7 @@ impl KvStore {
                 .map_err(|_| PutError::NotApplied("node is shutting down".into()))?;
             match done_rx.await {
                 Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(PutError::NotApplied(e.to_string())),
+                Ok(Err(e)) => Err(PutError::NotApplied(e)),
                 Err(_) => Err(PutError::NotApplied("node is shutting down".into())),
             }
         })
@@ -491,7 +491,9 @@ mod tests {
         let put =
             tokio::spawn(async move { kv2.put(b"/k".to_vec(), b"v".to_vec(), deadline).await });
         let p = rx.recv().await.unwrap();
-        p.done.send(Err(raft::Error::ProposalDropped)).unwrap();
+        p.done
+            .send(Err(raft::Error::ProposalDropped.to_string()))
+            .unwrap();
         assert!(matches!(put.await.unwrap(), Err(PutError::NotApplied(_))));
         assert!(kv.waiters.lock().unwrap().is_empty());
     }

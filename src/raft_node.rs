@@ -386,6 +386,9 @@ impl RaftNode {
             applied,
             max_size_per_msg: 1024 * 1024,
             max_inflight_msgs: 256,
+            // Entries appended while a MsgAppend to a peer is still in the Ready join it: one
+            // message (and one response) per peer per Ready.
+            batch_append: true,
             max_uncommitted_size: 1 << 30,
             check_quorum: true,
             pre_vote: true,
@@ -472,6 +475,7 @@ impl RaftNode {
         self.publish_status();
         // Set while a leader hands over before stopping.
         let mut handing_over: Option<Instant> = None;
+        let mut proposals = Vec::new();
         loop {
             tokio::select! {
                 biased;
@@ -493,7 +497,7 @@ impl RaftNode {
                 Some(done) = snapshot_done_rx.recv() => self.on_snapshot_written(done)?,
                 Some(r) = inp.report_rx.recv() => self.report(r),
                 p = inp.propose_rx.recv() => match p {
-                    Some(p) => self.propose(p),
+                    Some(p) => proposals.push(p),
                     // Every proposer gone is raftexample's closed proposeC: stop.
                     None => break,
                 },
@@ -502,7 +506,8 @@ impl RaftNode {
             }
             // Take whatever else is already queued on every input, so one Ready (and one
             // fsync) covers it all and no input starves another.
-            self.drain(&mut inp, &mut persisted_rx)?;
+            self.drain(&mut inp, &mut persisted_rx, &mut proposals)?;
+            self.propose(std::mem::take(&mut proposals));
             self.reads.flush(&mut self.node);
             while self.node.has_ready() && self.exit.is_none() {
                 if let Err(e) = self.on_ready().await {
@@ -550,6 +555,7 @@ impl RaftNode {
         &mut self,
         inp: &mut Inputs,
         persisted_rx: &mut mpsc::UnboundedReceiver<Result<Persisted, WriterError>>,
+        proposals: &mut Vec<Proposal>,
     ) -> Result<()> {
         while let Ok(p) = persisted_rx.try_recv() {
             self.on_persisted(p)?;
@@ -567,7 +573,7 @@ impl RaftNode {
             let Ok(p) = inp.propose_rx.try_recv() else {
                 break;
             };
-            self.propose(p);
+            proposals.push(p);
         }
         for _ in 0..DRAIN {
             let Ok(r) = inp.read_rx.try_recv() else { break };
@@ -616,10 +622,31 @@ impl RaftNode {
         }
     }
 
-    fn propose(&mut self, p: Proposal) {
-        let res = self.node.propose(vec![], p.data);
-        crate::metrics::proposal(res.is_ok());
-        let _ = p.done.send(res);
+    /// Proposes everything taken from `propose_rx` in this pass as one `MsgPropose` (what
+    /// `RawNode::propose` builds, with many entries instead of one), so raft appends and
+    /// replicates them together and a follower forwards them to the leader in one message.
+    fn propose(&mut self, batch: Vec<Proposal>) {
+        if batch.is_empty() {
+            return;
+        }
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgPropose);
+        m.from = self.id;
+        let mut dones = Vec::with_capacity(batch.len());
+        let mut entries = Vec::with_capacity(batch.len());
+        for p in batch {
+            entries.push(Entry {
+                data: p.data.into(),
+                ..Default::default()
+            });
+            dones.push(p.done);
+        }
+        m.set_entries(entries.into());
+        let res = self.node.step(m).map_err(|e| e.to_string());
+        for done in dones {
+            crate::metrics::proposal(res.is_ok());
+            let _ = done.send(res.clone());
+        }
     }
 
     /// True if a conf change may still be in flight: raft's own check (leader only), one of
