@@ -960,9 +960,10 @@ impl RaftNode {
         }
     }
 
-    /// raftexample's `maybeTriggerSnapshot`: every `snapshot_count` applied entries (and, for
-    /// a large map, see [`AMORTIZE_ABOVE`]), capture the map once it has caught up, and let a snapshot thread serialise it and write the
-    /// `.snap` file; [`Self::on_snapshot_written`] then compacts the log.
+    /// raftexample's `maybeTriggerSnapshot`: every `snapshot_count` applied entries (for a
+    /// large map, see [`AMORTIZE_ABOVE`]), capture the map once it has caught up, and let a
+    /// snapshot thread stream it into the `.snap` file; [`Self::on_snapshot_written`] then
+    /// compacts the log.
     async fn maybe_trigger_snapshot(&mut self) -> Result<()> {
         let due = self.applied - self.snapshot_index > self.snapshot_count
             && (self.snapshot_bytes < AMORTIZE_ABOVE || 2 * self.log_bytes >= self.snapshot_bytes);
