@@ -82,7 +82,7 @@ impl Snapshotter {
 
     /// [`Self::save`] for a snapshot whose `data_len` bytes of data `write_data` produces
     /// as it goes, so that a large state is streamed to the file and never held in memory
-    /// whole. Returns the file's path.
+    /// whole. Returns the file's path (for index 0, where it would be: nothing is written).
     pub fn save_with(
         &self,
         meta: &SnapshotMetadata,
