@@ -806,6 +806,19 @@ async fn collect_load(mut set: JoinSet<Acked>) -> Acked {
     acked
 }
 
+/// Flags for the SIGKILL-under-load tests: snapshots, segment roll-overs and purges every few
+/// dozen writes, so that kills land across all of them.
+const CHURN: [&str; 8] = [
+    "--snapshot-count",
+    "50",
+    "--snapshot-catchup-entries",
+    "10",
+    "--wal-segment-size",
+    "8192",
+    "--max-snapshots",
+    "2",
+];
+
 /// `n` pairs of `kvs` chosen at random (all of them if there are fewer).
 fn sample(rng: &mut Rng, kvs: &[(String, String)], n: usize) -> Acked {
     if kvs.len() <= n {
@@ -832,17 +845,7 @@ mod a_slow {
     #[tokio::test(flavor = "multi_thread")]
     async fn kill9_under_write_load_30_times() {
         let mut rng = Rng::from_env("kill9_under_write_load_30_times");
-        let args = [
-            "--snapshot-count",
-            "50",
-            "--snapshot-catchup-entries",
-            "10",
-            "--wal-segment-size",
-            "8192",
-            "--max-snapshots",
-            "2",
-        ];
-        let mut cluster = single(&args).await;
+        let mut cluster = single(&CHURN).await;
         let port = cluster.node(1).client_port;
         let started = Instant::now();
         let mut all = Acked::new();
@@ -891,17 +894,7 @@ mod a_slow {
 #[tokio::test(flavor = "multi_thread")]
 async fn kill9_random_node_of_three_under_write_load() {
     let mut rng = Rng::from_env("kill9_random_node_of_three_under_write_load");
-    let args = [
-        "--snapshot-count",
-        "50",
-        "--snapshot-catchup-entries",
-        "10",
-        "--wal-segment-size",
-        "8192",
-        "--max-snapshots",
-        "2",
-    ];
-    let mut cluster = Cluster::start_with(3, &args);
+    let mut cluster = Cluster::start_with(3, &CHURN);
     cluster.wait_leader().await;
     let ports: Vec<u16> = (1..=3).map(|id| cluster.node(id).client_port).collect();
     let mut all = Acked::new();

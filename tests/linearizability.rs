@@ -6,16 +6,19 @@
 #[path = "common/linearizability.rs"]
 mod checker;
 mod common;
+#[path = "common/history.rs"]
+mod history;
 use common::{seed, Rng};
+use history::{client, get, HistoryLoad};
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
 
-use checker::{check, Clock, Kind, Op};
-use common::{healthy, poll_until, wait_until, Cluster, StatusCode, TIMEOUT};
+use checker::{check, Kind, Op};
+use common::{healthy, poll_until, wait_until, Cluster, TIMEOUT};
 
 const KEYS: [&str; 3] = ["/lin-a", "/lin-b", "/lin-c"];
 const CLIENTS: usize = 6;
@@ -25,144 +28,15 @@ const LOAD: Duration = Duration::from_secs(10);
 const DAEMON_TIMEOUT: &str = "2000";
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(4);
 
-/// What the clients share with the test body.
-struct Load {
-    ports: Vec<u16>,
-    clock: Clock,
-    stop: AtomicBool,
-    /// Operations that completed with a definite answer (204, 200, 404).
-    completed: AtomicUsize,
-    started: Instant,
-}
-
-impl Load {
-    fn completed(&self) -> usize {
-        self.completed.load(Ordering::SeqCst)
-    }
-
-    /// Waits until `more` operations beyond the current count have completed.
-    async fn wait_more(&self, more: usize, what: &str) {
-        let target = self.completed() + more;
-        wait_until(
-            TIMEOUT,
-            &format!("{more} more operations complete {what}"),
-            || async move { self.completed() >= target },
-        )
-        .await;
-    }
-}
-
-/// The outcome of one PUT as the history records it.
-enum PutOutcome {
-    /// 204: applied, returned at this time.
-    Done(u64),
-    /// May or may not take effect: no return time.
-    Unknown,
-    /// Definitely not applied (503 "not applied", or the connection was never made): dropped.
-    NotApplied,
-}
-
-/// One client: random PUTs (unique values) and GETs on random keys and nodes until told to
-/// stop. Returns its part of the history.
-async fn client(id: usize, load: Arc<Load>, seed: u64) -> Vec<Op> {
-    // reqwest (rustls-no-provider) needs a process-wide provider for its own config.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(CLIENT_TIMEOUT)
-        .build()
-        .expect("build a reqwest client");
-    let mut rng = Rng::new(seed ^ (id as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-    let mut history = Vec::new();
-    for seq in 0..1_000_000usize {
-        if load.stop.load(Ordering::SeqCst) {
-            break;
-        }
-        let port = load.ports[rng.below(load.ports.len())];
-        let key = KEYS[rng.below(KEYS.len())];
-        let url = format!("http://127.0.0.1:{port}{key}");
-        if rng.below(2) == 0 {
-            let value = format!("c{id}-{seq}");
-            let call = load.clock.now();
-            let outcome = match http.put(&url).body(value.clone()).send().await {
-                Ok(r) if r.status() == StatusCode::NO_CONTENT => PutOutcome::Done(load.clock.now()),
-                Ok(r) => {
-                    let status = r.status();
-                    let body = r.text().await.unwrap_or_default();
-                    if status == StatusCode::SERVICE_UNAVAILABLE && body.starts_with("not applied")
-                    {
-                        PutOutcome::NotApplied
-                    } else if status == StatusCode::SERVICE_UNAVAILABLE {
-                        PutOutcome::Unknown
-                    } else {
-                        panic!("client {id}: PUT {url} answered {status} {body:?}");
-                    }
-                }
-                // Nothing was sent: the node is down or not listening yet.
-                Err(e) if e.is_connect() => PutOutcome::NotApplied,
-                // Sent, then the connection broke or timed out.
-                Err(_) => PutOutcome::Unknown,
-            };
-            let ret = match outcome {
-                PutOutcome::Done(t) => Some(t),
-                PutOutcome::Unknown => None,
-                PutOutcome::NotApplied => continue,
-            };
-            if ret.is_some() {
-                load.completed.fetch_add(1, Ordering::SeqCst);
-            }
-            history.push(Op {
-                client: id,
-                key: key.to_string(),
-                kind: Kind::Put(value),
-                call,
-                ret,
-            });
-        } else if let Some(op) = get(&http, id, &url, key, &load.clock).await {
-            load.completed.fetch_add(1, Ordering::SeqCst);
-            history.push(op);
-        }
-    }
-    history
-}
-
-/// A linearizable GET as a history operation; `None` if it failed (a failed read says
-/// nothing about the register).
-async fn get(
-    http: &reqwest::Client,
-    client: usize,
-    url: &str,
-    key: &str,
-    clock: &Clock,
-) -> Option<Op> {
-    let call = clock.now();
-    let response = http.get(url).send().await.ok()?;
-    let kind = match response.status() {
-        StatusCode::OK => Kind::Get(Some(response.text().await.ok()?)),
-        StatusCode::NOT_FOUND => Kind::Get(None),
-        StatusCode::SERVICE_UNAVAILABLE => return None,
-        other => panic!("client {client}: GET {url} answered {other}"),
-    };
-    Some(Op {
-        client,
-        key: key.to_string(),
-        kind,
-        call,
-        ret: Some(clock.now()),
-    })
-}
-
-/// Starts `CLIENTS` clients on every node of `cluster`; they run until `Load::stop` is set.
-fn start_load(cluster: &Cluster, seed: u64) -> (Arc<Load>, Vec<JoinHandle<Vec<Op>>>) {
-    let load = Arc::new(Load {
-        ports: cluster.nodes.iter().map(|n| n.client_port).collect(),
-        clock: Clock::new(),
-        stop: AtomicBool::new(false),
-        completed: AtomicUsize::new(0),
-        started: Instant::now(),
-    });
+/// Starts `CLIENTS` clients on every node of `cluster`; they run until `HistoryLoad::stop` is set.
+fn start_load(cluster: &Cluster, seed: u64) -> (Arc<HistoryLoad>, Vec<JoinHandle<Vec<Op>>>) {
+    let ports = cluster.nodes.iter().map(|n| n.client_port).collect();
+    let load = Arc::new(HistoryLoad::new(ports, CLIENT_TIMEOUT, TIMEOUT));
     let clients = (0..CLIENTS)
-        .map(|c| tokio::spawn(client(c, load.clone(), seed)))
+        .map(|c| {
+            let key = |_: &HistoryLoad, rng: &mut Rng| KEYS[rng.below(KEYS.len())].to_string();
+            tokio::spawn(client(c, load.clone(), seed, key))
+        })
         .collect();
     (load, clients)
 }
@@ -171,7 +45,7 @@ fn start_load(cluster: &Cluster, seed: u64) -> (Arc<Load>, Vec<JoinHandle<Vec<Op
 /// and node, and checks the history. `faults` describes what happened, for the messages.
 async fn finish_and_check(
     cluster: &Cluster,
-    load: Arc<Load>,
+    load: Arc<HistoryLoad>,
     clients: Vec<JoinHandle<Vec<Op>>>,
     seed: u64,
     faults: &str,
@@ -187,13 +61,7 @@ async fn finish_and_check(
 
     // Final reads on every node: each must see the key's last write.
     cluster.wait_leader().await;
-    // reqwest (rustls-no-provider) needs a process-wide provider for its own config.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(CLIENT_TIMEOUT)
-        .build()
-        .expect("build a reqwest client");
+    let http = load.http();
     for node in &cluster.nodes {
         for key in KEYS {
             let url = format!("http://127.0.0.1:{}{key}", node.client_port);

@@ -15,7 +15,10 @@
 #[path = "common/linearizability.rs"]
 mod checker;
 mod common;
+#[path = "common/history.rs"]
+mod history;
 use common::{assert_all_readable, seed, Rng};
+use history::{client, get, HistoryLoad};
 
 use std::cell::Cell;
 use std::collections::BTreeSet;
@@ -23,7 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use checker::{check, Clock, Kind, Op};
+use checker::{check, Kind, Op};
 use common::{
     client_request, delete_member, healthy, member_ids, poll_until, pooled_client, status,
     try_get_serializable_with, try_get_with, try_put_with, wait_converged, wait_until, Cluster,
@@ -734,124 +737,10 @@ const SOAK_EPOCH: Duration = Duration::from_secs(20);
 /// The clients' own timeout, above the daemons' 2 s.
 const SOAK_CLIENT_TIMEOUT: Duration = Duration::from_secs(4);
 
-/// What the soak clients share with the test body.
-struct Soak {
-    ports: Vec<u16>,
-    clock: Clock,
-    stop: AtomicBool,
-    /// Operations with a definite answer (204, 200, 404).
-    completed: AtomicUsize,
-}
-
-impl Soak {
-    fn completed(&self) -> usize {
-        self.completed.load(Ordering::SeqCst)
-    }
-
-    /// Waits until `more` operations beyond the current count complete.
-    async fn wait_more(&self, more: usize, what: &str) {
-        let target = self.completed() + more;
-        wait_until(
-            SLOW,
-            &format!("{more} more operations complete {what}"),
-            || async move { self.completed() >= target },
-        )
-        .await;
-    }
-
-    fn key(&self, k: usize) -> String {
-        let epoch = self.clock.now() / SOAK_EPOCH.as_nanos() as u64;
-        format!("/soak-e{epoch}-{k}")
-    }
-}
-
-/// One soak client: random PUTs (unique values) and linearizable GETs on random keys and
-/// nodes until told to stop; returns its part of the history.
-async fn soak_client(id: usize, soak: Arc<Soak>, seed: u64) -> Vec<Op> {
-    // reqwest (rustls-no-provider) needs a process-wide provider for its own config.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(SOAK_CLIENT_TIMEOUT)
-        .build()
-        .expect("build a reqwest client");
-    let mut rng = Rng::new(seed ^ (id as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-    let mut history = Vec::new();
-    for seq in 0..10_000_000usize {
-        if soak.stop.load(Ordering::SeqCst) {
-            break;
-        }
-        let port = soak.ports[rng.below(soak.ports.len())];
-        let key = soak.key(rng.below(SOAK_KEYS));
-        let url = format!("http://127.0.0.1:{port}{key}");
-        let call = soak.clock.now();
-        let op = if rng.below(2) == 0 {
-            let value = format!("c{id}-{seq}");
-            let ret = match http.put(&url).body(value.clone()).send().await {
-                Ok(r) if r.status() == StatusCode::NO_CONTENT => Some(Some(soak.clock.now())),
-                Ok(r) => {
-                    let status = r.status();
-                    let body = r.text().await.unwrap_or_default();
-                    assert_eq!(
-                        status,
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "client {id}: PUT {url}: {body:?}"
-                    );
-                    // "not applied": definitely not; anything else may still be applied.
-                    (!body.starts_with("not applied")).then_some(None)
-                }
-                // Never sent: the node is down or not listening yet.
-                Err(e) if e.is_connect() => None,
-                // Sent, then the connection broke or timed out: unknown.
-                Err(_) => Some(None),
-            };
-            ret.map(|ret| Op {
-                client: id,
-                key: key.clone(),
-                kind: Kind::Put(value),
-                call,
-                ret,
-            })
-        } else {
-            soak_get(&http, id, &url, &key, &soak.clock).await
-        };
-        match op {
-            Some(op) => {
-                if op.ret.is_some() {
-                    soak.completed.fetch_add(1, Ordering::SeqCst);
-                }
-                history.push(op);
-            }
-            // Refused or unreachable: pace, a killed node refuses at once.
-            None => tokio::time::sleep(Duration::from_millis(10)).await,
-        }
-    }
-    history
-}
-
-/// A linearizable GET as a history operation; `None` if it failed (says nothing).
-async fn soak_get(
-    http: &reqwest::Client,
-    client: usize,
-    url: &str,
-    key: &str,
-    clock: &Clock,
-) -> Option<Op> {
-    let call = clock.now();
-    let response = http.get(url).send().await.ok()?;
-    let kind = match response.status() {
-        StatusCode::OK => Kind::Get(Some(response.text().await.ok()?)),
-        StatusCode::NOT_FOUND => Kind::Get(None),
-        StatusCode::SERVICE_UNAVAILABLE => return None,
-        other => panic!("client {client}: GET {url} answered {other}"),
-    };
-    Some(Op {
-        client,
-        key: key.to_string(),
-        kind,
-        call,
-        ret: Some(clock.now()),
-    })
+/// The soak's keys: `SOAK_KEYS` of them per epoch.
+fn soak_key(load: &HistoryLoad, rng: &mut Rng) -> String {
+    let epoch = load.clock.now() / SOAK_EPOCH.as_nanos() as u64;
+    format!("/soak-e{epoch}-{}", rng.below(SOAK_KEYS))
 }
 
 /// Runs the soak for `secs` (at least one crash and one partition).
@@ -861,14 +750,10 @@ async fn soak(secs: u64) {
     let mut rng = Rng::new(seed);
     let mut cluster = Cluster::start_with_faults(3, FAST);
     cluster.wait_leader().await;
-    let soak = Arc::new(Soak {
-        ports: (1..=3).map(|id| cluster.node(id).client_port).collect(),
-        clock: Clock::new(),
-        stop: AtomicBool::new(false),
-        completed: AtomicUsize::new(0),
-    });
+    let ports = (1..=3).map(|id| cluster.node(id).client_port).collect();
+    let soak = Arc::new(HistoryLoad::new(ports, SOAK_CLIENT_TIMEOUT, SLOW));
     let clients: Vec<_> = (0..SOAK_CLIENTS)
-        .map(|c| tokio::spawn(soak_client(c, soak.clone(), seed)))
+        .map(|c| tokio::spawn(client(c, soak.clone(), seed, soak_key)))
         .collect();
     let started = Instant::now();
     let duration = Duration::from_secs(secs);
@@ -924,7 +809,7 @@ async fn soak(secs: u64) {
     for id in 1..=3u64 {
         for key in &keys {
             let url = format!("http://127.0.0.1:{}{key}", cluster.node(id).client_port);
-            let op = soak_get(&http, 100 + id as usize, &url, key, &soak.clock)
+            let op = get(&http, 100 + id as usize, &url, key, &soak.clock)
                 .await
                 .unwrap_or_else(|| panic!("final GET {url} failed"));
             history.push(op);

@@ -562,13 +562,18 @@ where
 
 /// A client for one request. Each `#[tokio::test]` has its own runtime and a reqwest client's
 /// connection pool is tied to the runtime that made it, so clients are not shared between tests.
-/// Proxies from the environment are ignored: every URL here is on 127.0.0.1.
 fn client() -> reqwest::Client {
+    http_client(HTTP_TIMEOUT)
+}
+
+/// A reqwest client whose requests give up after `timeout`. Proxies from the environment are
+/// ignored: every URL here is on 127.0.0.1.
+pub fn http_client(timeout: Duration) -> reqwest::Client {
     // reqwest (rustls-no-provider) needs a process-wide provider for its own config.
     let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
         .no_proxy()
-        .timeout(HTTP_TIMEOUT)
+        .timeout(timeout)
         .build()
         .expect("build a reqwest client")
 }
@@ -773,13 +778,7 @@ pub async fn try_get_with(
 /// request, as [`put`] does, would leave a socket in TIME_WAIT per request). Build one per node
 /// start: pooled connections to a killed process are dead.
 pub fn pooled_client() -> reqwest::Client {
-    // reqwest (rustls-no-provider) needs a process-wide provider for its own config.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(HTTP_TIMEOUT)
-        .build()
-        .expect("build a reqwest client")
+    http_client(HTTP_TIMEOUT)
 }
 
 impl Node {

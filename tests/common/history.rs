@@ -1,0 +1,166 @@
+//! The clients of the linearizability tests: random PUTs (unique values) and linearizable GETs
+//! on random keys and nodes, each recorded as an operation of the history that the checker of
+//! `linearizability.rs` (mounted as `checker`) judges.
+#![allow(dead_code)]
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::checker::{Clock, Kind, Op};
+use crate::common::{http_client, wait_until, Rng, StatusCode};
+
+/// What the clients share with the test body.
+pub struct HistoryLoad {
+    pub ports: Vec<u16>,
+    pub clock: Clock,
+    pub stop: AtomicBool,
+    /// Operations that completed with a definite answer (204, 200, 404).
+    pub completed: AtomicUsize,
+    pub started: Instant,
+    /// The clients' own request timeout (above the daemons').
+    client_timeout: Duration,
+    /// How long [`HistoryLoad::wait_more`] waits for progress.
+    progress_timeout: Duration,
+}
+
+impl HistoryLoad {
+    pub fn new(
+        ports: Vec<u16>,
+        client_timeout: Duration,
+        progress_timeout: Duration,
+    ) -> HistoryLoad {
+        HistoryLoad {
+            ports,
+            clock: Clock::new(),
+            stop: AtomicBool::new(false),
+            completed: AtomicUsize::new(0),
+            started: Instant::now(),
+            client_timeout,
+            progress_timeout,
+        }
+    }
+
+    pub fn completed(&self) -> usize {
+        self.completed.load(Ordering::SeqCst)
+    }
+
+    /// Waits until `more` operations beyond the current count have completed.
+    pub async fn wait_more(&self, more: usize, what: &str) {
+        let target = self.completed() + more;
+        wait_until(
+            self.progress_timeout,
+            &format!("{more} more operations complete {what}"),
+            || async move { self.completed() >= target },
+        )
+        .await;
+    }
+
+    /// A client with the clients' timeout, e.g. for the final reads.
+    pub fn http(&self) -> reqwest::Client {
+        http_client(self.client_timeout)
+    }
+}
+
+/// One client, until `load.stop` is set; `key` picks the key of each operation. Returns its
+/// part of the history.
+pub async fn client(
+    id: usize,
+    load: Arc<HistoryLoad>,
+    seed: u64,
+    key: impl Fn(&HistoryLoad, &mut Rng) -> String,
+) -> Vec<Op> {
+    let http = load.http();
+    let mut rng = Rng::new(seed ^ (id as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let mut history = Vec::new();
+    let mut seq = 0usize;
+    while !load.stop.load(Ordering::SeqCst) {
+        seq += 1;
+        let port = load.ports[rng.below(load.ports.len())];
+        let key = key(&load, &mut rng);
+        let url = format!("http://127.0.0.1:{port}{key}");
+        let op = if rng.below(2) == 0 {
+            put(&http, id, &url, &key, format!("c{id}-{seq}"), &load.clock).await
+        } else {
+            get(&http, id, &url, &key, &load.clock).await
+        };
+        match op {
+            Some(op) => {
+                if op.ret.is_some() {
+                    load.completed.fetch_add(1, Ordering::SeqCst);
+                }
+                history.push(op);
+            }
+            // Refused or unreachable: pace, a killed node refuses at once.
+            None => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+    history
+}
+
+/// A PUT as a history operation: with a return time if it got 204, without one if its outcome
+/// is unknown (503 other than "not applied", or the connection broke after sending); `None` if
+/// it was definitely not applied ("not applied", or never sent).
+async fn put(
+    http: &reqwest::Client,
+    client: usize,
+    url: &str,
+    key: &str,
+    value: String,
+    clock: &Clock,
+) -> Option<Op> {
+    let call = clock.now();
+    let ret = match http.put(url).body(value.clone()).send().await {
+        Ok(r) if r.status() == StatusCode::NO_CONTENT => Some(clock.now()),
+        Ok(r) => {
+            let status = r.status();
+            let body = r.text().await.unwrap_or_default();
+            assert_eq!(
+                status,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "client {client}: PUT {url}: {body:?}"
+            );
+            if body.starts_with("not applied") {
+                return None; // definitely not applied: no part of the history
+            }
+            None // may still be applied: unknown outcome
+        }
+        // Nothing was sent: the node is down or not listening yet.
+        Err(e) if e.is_connect() => return None,
+        // Sent, then the connection broke or timed out.
+        Err(_) => None,
+    };
+    Some(Op {
+        client,
+        key: key.to_string(),
+        kind: Kind::Put(value),
+        call,
+        ret,
+    })
+}
+
+/// A linearizable GET as a history operation; `None` if it failed (a failed read says
+/// nothing about the register).
+pub async fn get(
+    http: &reqwest::Client,
+    client: usize,
+    url: &str,
+    key: &str,
+    clock: &Clock,
+) -> Option<Op> {
+    let call = clock.now();
+    let response = http.get(url).send().await.ok()?;
+    let kind = match response.status() {
+        StatusCode::OK => Kind::Get(Some(response.text().await.ok()?)),
+        StatusCode::NOT_FOUND => Kind::Get(None),
+        StatusCode::SERVICE_UNAVAILABLE => return None,
+        other => panic!("client {client}: GET {url} answered {other}"),
+    };
+    Some(Op {
+        client,
+        key: key.to_string(),
+        kind,
+        call,
+        ret: Some(clock.now()),
+    })
+}
