@@ -9,7 +9,7 @@ mod common;
 #[path = "common/history.rs"]
 mod history;
 use common::{seed, Rng};
-use history::{client, get, HistoryLoad};
+use history::{client, get, save, Counts, HistoryLoad};
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
 
-use checker::{check, Kind, Op};
+use checker::{check, Op};
 use common::{healthy, poll_until, wait_until, Cluster, TIMEOUT};
 
 const KEYS: [&str; 3] = ["/lin-a", "/lin-b", "/lin-c"];
@@ -72,16 +72,12 @@ async fn finish_and_check(
         }
     }
 
-    let completed = history.iter().filter(|op| op.ret.is_some()).count();
-    let puts_done = history
-        .iter()
-        .filter(|op| matches!(op.kind, Kind::Put(_)) && op.ret.is_some())
-        .count();
-    let unknown = history.iter().filter(|op| op.ret.is_none()).count();
-    let reads_of_values = history
-        .iter()
-        .filter(|op| matches!(op.kind, Kind::Get(Some(_))))
-        .count();
+    let Counts {
+        completed,
+        puts_done,
+        unknown,
+        reads_of_values,
+    } = Counts::of(&history);
     let checked = Instant::now();
     let result = check(&history);
     let check_time = checked.elapsed();
@@ -92,14 +88,10 @@ async fn finish_and_check(
         history.len()
     );
     if let Err(e) = result {
-        let path = std::env::temp_dir().join(format!(
-            "raftexample-linearizability-{}-{seed}.history",
-            std::process::id()
-        ));
-        let mut sorted: Vec<&Op> = history.iter().collect();
-        sorted.sort_by_key(|op| op.call);
-        let text: Vec<String> = sorted.iter().map(|op| op.to_string()).collect();
-        let saved = std::fs::write(&path, text.join("\n") + "\n");
+        let (path, saved) = save(
+            &history,
+            &format!("linearizability-{}-{seed}", std::process::id()),
+        );
         panic!(
             "history is not linearizable ({faults}; seed {seed}; whole history in {}: \
              {saved:?}):\n{e}",

@@ -18,7 +18,7 @@ mod common;
 #[path = "common/history.rs"]
 mod history;
 use common::{assert_all_readable, seed, Rng};
-use history::{client, get, HistoryLoad};
+use history::{client, get, save, Counts, HistoryLoad};
 
 use std::cell::Cell;
 use std::collections::BTreeSet;
@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use checker::{check, Kind, Op};
+use checker::check;
 use common::{
     client_request, delete_member, healthy, member_ids, poll_until, pooled_client, status,
     try_get_serializable_with, try_get_with, try_put_with, wait_converged, wait_until, Cluster,
@@ -817,16 +817,12 @@ async fn soak(secs: u64) {
     }
     let converged = wait_converged(&cluster, &[1, 2, 3]).await;
 
-    let completed = history.iter().filter(|op| op.ret.is_some()).count();
-    let puts_done = history
-        .iter()
-        .filter(|op| matches!(op.kind, Kind::Put(_)) && op.ret.is_some())
-        .count();
-    let unknown = history.iter().filter(|op| op.ret.is_none()).count();
-    let reads_of_values = history
-        .iter()
-        .filter(|op| matches!(op.kind, Kind::Get(Some(_))))
-        .count();
+    let Counts {
+        completed,
+        puts_done,
+        unknown,
+        reads_of_values,
+    } = Counts::of(&history);
     let checked = Instant::now();
     let result = check(&history);
     let check_time = checked.elapsed();
@@ -839,12 +835,7 @@ async fn soak(secs: u64) {
         keys.len()
     );
     if let Err(e) = result {
-        let path =
-            std::env::temp_dir().join(format!("raftexample-soak-{}.history", std::process::id()));
-        let mut sorted: Vec<&Op> = history.iter().collect();
-        sorted.sort_by_key(|op| op.call);
-        let text: Vec<String> = sorted.iter().map(|op| op.to_string()).collect();
-        let saved = std::fs::write(&path, text.join("\n") + "\n");
+        let (path, saved) = save(&history, &format!("soak-{}", std::process::id()));
         panic!(
             "history is not linearizable (seed {seed}; whole history in {}: {saved:?}):\n{e}",
             path.display()

@@ -3,6 +3,7 @@
 //! `linearizability.rs` (mounted as `checker`) judges.
 #![allow(dead_code)]
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -163,4 +164,40 @@ pub async fn get(
         call,
         ret: Some(clock.now()),
     })
+}
+
+/// What a history holds, for the tests' messages and their "not vacuous" checks.
+#[derive(Debug)]
+pub struct Counts {
+    /// Operations with a return time.
+    pub completed: usize,
+    /// PUTs that got 204.
+    pub puts_done: usize,
+    /// PUTs of unknown outcome.
+    pub unknown: usize,
+    /// GETs that saw a value.
+    pub reads_of_values: usize,
+}
+
+impl Counts {
+    pub fn of(history: &[Op]) -> Counts {
+        let count = |f: &dyn Fn(&Op) -> bool| history.iter().filter(|op| f(op)).count();
+        Counts {
+            completed: count(&|op| op.ret.is_some()),
+            puts_done: count(&|op| matches!(op.kind, Kind::Put(_)) && op.ret.is_some()),
+            unknown: count(&|op| op.ret.is_none()),
+            reads_of_values: count(&|op| matches!(op.kind, Kind::Get(Some(_)))),
+        }
+    }
+}
+
+/// Writes `history`, sorted by call time, to `<temp dir>/raftexample-<name>.history` for a
+/// failure message: the path, and whether the write worked.
+pub fn save(history: &[Op], name: &str) -> (PathBuf, std::io::Result<()>) {
+    let path = std::env::temp_dir().join(format!("raftexample-{name}.history"));
+    let mut sorted: Vec<&Op> = history.iter().collect();
+    sorted.sort_by_key(|op| op.call);
+    let text: Vec<String> = sorted.iter().map(|op| op.to_string()).collect();
+    let saved = std::fs::write(&path, text.join("\n") + "\n");
+    (path, saved)
 }
