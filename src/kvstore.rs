@@ -8,6 +8,7 @@
 //! encoding a snapshot and decoding every entry the most expensive part of the hot path.
 
 use std::collections::HashMap;
+use std::io::{self, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -35,13 +36,11 @@ impl SnapshotSource for Captured {
             .sum::<u64>()
     }
 
-    fn write_to(&self, w: &mut dyn std::io::Write) -> std::io::Result<()> {
-        w.write_all(&(self.0.len() as u64).to_le_bytes())?;
+    fn write_to(&self, w: &mut dyn Write) -> io::Result<()> {
+        put_u64(w, self.0.len() as u64)?;
         for (k, v) in &self.0 {
-            w.write_all(&(k.len() as u64).to_le_bytes())?;
-            w.write_all(k)?;
-            w.write_all(&(v.len() as u64).to_le_bytes())?;
-            w.write_all(v)?;
+            put_bytes(w, k)?;
+            put_bytes(w, v)?;
         }
         Ok(())
     }
@@ -79,13 +78,13 @@ pub enum DecodeError {
     Trailing(usize),
 }
 
-fn put_u64(buf: &mut Vec<u8>, n: u64) {
-    buf.extend_from_slice(&n.to_le_bytes());
+fn put_u64<W: Write + ?Sized>(w: &mut W, n: u64) -> io::Result<()> {
+    w.write_all(&n.to_le_bytes())
 }
 
-fn put_bytes(buf: &mut Vec<u8>, b: &[u8]) {
-    put_u64(buf, b.len() as u64);
-    buf.extend_from_slice(b);
+fn put_bytes<W: Write + ?Sized>(w: &mut W, b: &[u8]) -> io::Result<()> {
+    put_u64(w, b.len() as u64)?;
+    w.write_all(b)
 }
 
 fn get_u64(buf: &mut &[u8]) -> Result<u64, DecodeError> {
@@ -140,9 +139,10 @@ pub struct Put {
 impl Put {
     pub fn encode(&self) -> Vec<u8> {
         let mut buf = Vec::with_capacity(24 + self.key.len() + self.value.len());
-        put_u64(&mut buf, self.id);
-        put_bytes(&mut buf, &self.key);
-        put_bytes(&mut buf, &self.value);
+        put_u64(&mut buf, self.id)
+            .and_then(|()| put_bytes(&mut buf, &self.key))
+            .and_then(|()| put_bytes(&mut buf, &self.value))
+            .expect("writing to a Vec cannot fail");
         buf
     }
 

@@ -62,10 +62,11 @@ static PEER_SEND_FAILURES: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("metric registered once")
 });
 
-pub fn proposal(accepted: bool) {
+/// `n` proposals that raft accepted or dropped together.
+pub fn proposals(accepted: bool, n: usize) {
     PROPOSALS
         .with_label_values(&[if accepted { "accepted" } else { "dropped" }])
-        .inc();
+        .inc_by(n as u64);
 }
 
 pub fn indexes(commit: u64, applied: u64) {

@@ -643,8 +643,8 @@ impl RaftNode {
         }
         m.set_entries(entries.into());
         let res = self.node.step(m).map_err(|e| e.to_string());
+        crate::metrics::proposals(res.is_ok(), dones.len());
         for done in dones {
-            crate::metrics::proposal(res.is_ok());
             let _ = done.send(res.clone());
         }
     }

@@ -98,12 +98,18 @@ pub enum Error {
 
 /// Encodes messages as a protobuf length-delimited stream.
 pub fn encode_batch(msgs: &[Message]) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(msgs.iter().map(|m| m.compute_size() as usize + 5).sum());
+    let mut buf = Vec::new();
+    encode_batch_into(msgs, &mut buf);
+    buf
+}
+
+/// [`encode_batch`], appending to `buf` (the stream sender reuses one buffer).
+fn encode_batch_into(msgs: &[Message], buf: &mut Vec<u8>) {
+    buf.reserve(msgs.iter().map(|m| m.compute_size() as usize + 5).sum());
     for m in msgs {
-        m.write_length_delimited_to_vec(&mut buf)
+        m.write_length_delimited_to_vec(buf)
             .expect("writing a protobuf message to a Vec cannot fail");
     }
-    buf
 }
 
 pub fn decode_batch(buf: &[u8]) -> Result<Vec<Message>, Error> {
@@ -343,10 +349,8 @@ impl PeerSender {
                 continue;
             }
             buf.clear();
-            for m in batch.drain(..) {
-                m.write_length_delimited_to_vec(&mut buf)
-                    .expect("writing a protobuf message to a Vec cannot fail");
-            }
+            encode_batch_into(&batch, &mut buf);
+            batch.clear();
             if let Err(e) = self.write(&mut stream, &buf).await {
                 stream = None;
                 slog::debug!(self.logger, "stream send failed"; "error" => %e);
