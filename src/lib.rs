@@ -59,7 +59,7 @@ pub const CHANNEL: usize = 4096;
 /// What [`start_raft`] hands back (raftexample's `newRaftNode` returns commitC and errorC).
 pub struct RaftHandle {
     pub commit_rx: mpsc::Receiver<kvstore::Apply>,
-    /// errorC: the raft thread's result, once it stops.
+    /// errorC: the raft task's result, once it stops.
     pub error_rx: oneshot::Receiver<Result<Exit>>,
     pub status: Arc<Mutex<NodeStatus>>,
     /// `POST /raft`, for the caller to serve on the peer listener (with more routes if it likes).
@@ -71,7 +71,7 @@ pub struct RaftHandle {
     pub peer_client: peer_client::PeerClient,
 }
 
-/// Starts the raft thread. It replays the snapshot and WAL first; the snapshot it restores is
+/// Starts the raft task. It replays the snapshot and WAL first; the snapshot it restores is
 /// the first message on `commit_rx`. Cancelling `stop` stops raft, then its network.
 pub fn start_raft(
     cfg: &Config,
@@ -101,7 +101,6 @@ pub fn start_raft(
         removed: removed.clone(),
         status: status.clone(),
         report_tx,
-        rt: tokio::runtime::Handle::current(),
         shutdown: network_stop.clone(),
         peer_client: peer_client.clone(),
     };
@@ -116,31 +115,27 @@ pub fn start_raft(
         let cfg = cfg.clone();
         let logger = logger.clone();
         let network_stop = network_stop.clone();
-        std::thread::Builder::new()
-            .name(format!("raft-{}", cfg.id))
-            .spawn(move || {
-                let res = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|e| Error::Io {
-                        context: "cannot start the raft runtime".into(),
-                        source: e,
-                    })
-                    .and_then(|rt| {
-                        rt.block_on(async {
-                            let node = RaftNode::recover(&cfg, &shared, get_snapshot, &logger)?;
-                            node.run(inputs, stop).await
-                        })
-                    });
-                // `shared` (with the commit sender) drops here, which ends the apply task.
-                drop(shared);
-                network_stop.cancel();
-                let _ = error_tx.send(res);
+        tokio::spawn(async move {
+            // Replaying the snapshot and WAL is blocking file I/O: it runs on a blocking
+            // thread; the loop itself is a task like any other, so handing it a proposal, a
+            // read or a peer message is a task wake-up, not a thread switch.
+            let recovered = tokio::task::spawn_blocking(move || {
+                RaftNode::recover(&cfg, &shared, get_snapshot, &logger).map(|node| (node, shared))
             })
-            .map_err(|e| Error::Io {
-                context: "cannot start the raft thread".into(),
-                source: e,
-            })?;
+            .await;
+            let res = match recovered {
+                Ok(Ok((node, shared))) => {
+                    let res = node.run(inputs, stop).await;
+                    // `shared` (with the commit sender) drops here, which ends the apply task.
+                    drop(shared);
+                    res
+                }
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(Error::Recovery(format!("the replay task failed: {e}"))),
+            };
+            network_stop.cancel();
+            let _ = error_tx.send(res);
+        });
     }
 
     let peer_router = transport::router(transport::PeerState {
@@ -256,5 +251,5 @@ pub async fn run(
     raft_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(2), peer_server).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), apply_task).await;
-    result.unwrap_or(Err(Error::Recovery("the raft thread died".into())))
+    result.unwrap_or(Err(Error::Recovery("the raft task died".into())))
 }

@@ -163,8 +163,6 @@ pub struct Transport {
     client: PeerClient,
     peers: HashMap<u64, Peer>,
     report_tx: mpsc::UnboundedSender<Report>,
-    /// Spawns sender tasks on the multi-threaded runtime, not on the raft thread's own runtime.
-    rt: tokio::runtime::Handle,
     shutdown: CancellationToken,
     #[cfg(feature = "fault-injection")]
     faults: Option<Arc<crate::faults::Faults>>,
@@ -177,7 +175,6 @@ impl Transport {
         id: u64,
         client: PeerClient,
         report_tx: mpsc::UnboundedSender<Report>,
-        rt: tokio::runtime::Handle,
         shutdown: CancellationToken,
         logger: &slog::Logger,
     ) -> Transport {
@@ -186,7 +183,6 @@ impl Transport {
             client,
             peers: HashMap::new(),
             report_tx,
-            rt,
             shutdown,
             #[cfg(feature = "fault-injection")]
             faults: None,
@@ -224,7 +220,7 @@ impl Transport {
             faults: self.faults.clone(),
             logger: self.logger.new(slog::o!("peer" => id)),
         };
-        self.rt.spawn(sender.run(rx, stop.clone()));
+        tokio::spawn(sender.run(rx, stop.clone()));
         slog::info!(self.logger, "added peer"; "peer" => id, "url" => url);
         self.peers.insert(
             id,
@@ -242,7 +238,7 @@ impl Transport {
             // removed node about its removal, with luck) before it stops.
             drop(p.tx);
             let stop = p.stop;
-            self.rt.spawn(async move {
+            tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 stop.cancel();
             });
