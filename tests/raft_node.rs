@@ -53,21 +53,22 @@ async fn propose_on_commit() {
                 };
                 if batches < 100 && !data.is_empty() {
                     batches += 1;
-                    // Feed the data back without waiting for raft's answer: raft may be busy
-                    // handing us the next batch. Raft may drop some during an election; the
-                    // loop only needs commits to keep flowing.
-                    let tx = node.propose_tx.clone().expect("proposer open");
-                    tokio::spawn(async move {
-                        for d in data {
-                            let (done, _) = oneshot::channel();
-                            let _ = tx
-                                .send(raftexample::kvstore::Proposal {
-                                    data: d.to_vec(),
-                                    done,
-                                })
-                                .await;
+                    // Feed the data back from the commit consumer itself, without waiting:
+                    // raft may be busy handing us the next batch, so a blocking send could
+                    // deadlock, which is what this test is about. What does not fit in the
+                    // proposal queue is dropped, as raft may drop some during an election: the
+                    // loop only needs commits to keep flowing, not an ever-growing backlog.
+                    let tx = node.propose_tx.as_ref().expect("proposer open");
+                    for d in data {
+                        let (done, _) = oneshot::channel();
+                        let p = raftexample::kvstore::Proposal {
+                            data: d.to_vec(),
+                            done,
+                        };
+                        if tx.try_send(p).is_err() {
+                            break;
                         }
-                    });
+                    }
                     if batches == 100 {
                         let _ = done_tx.send(()).await;
                     }
