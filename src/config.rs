@@ -44,7 +44,7 @@ pub struct Config {
     pub listen_host: Option<String>,
 
     /// Take a snapshot (and compact the log) after this many applied entries; once snapshots
-    /// exceed 4 MiB, also only after the log since the last one holds half its size.
+    /// exceed 4 MiB, also only after the log since the last one is at least as large.
     #[arg(long, default_value_t = 10_000)]
     pub snapshot_count: u64,
 
