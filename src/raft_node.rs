@@ -161,6 +161,25 @@ pub enum Exit {
     Removed,
 }
 
+/// Entries waiting to be proposed as one batch, and the local proposers waiting for raft's
+/// verdict on them (entries forwarded by followers have none: their proposer waits on its own
+/// node for the entry to apply).
+#[derive(Default)]
+struct Held {
+    entries: Vec<Entry>,
+    dones: Vec<oneshot::Sender<Result<(), String>>>,
+}
+
+impl Held {
+    fn push(&mut self, p: Proposal) {
+        self.entries.push(Entry {
+            data: p.data.into(),
+            ..Default::default()
+        });
+        self.dones.push(p.done);
+    }
+}
+
 pub struct RaftNode {
     id: u64,
     node: RawNode<RaftStorage>,
@@ -190,6 +209,8 @@ pub struct RaftNode {
     snapshot_done_rx: Option<mpsc::UnboundedReceiver<SnapshotDone>>,
     /// Number of a Ready carrying a leader's snapshot that the writer has not yet persisted.
     snapshot_persisting: Option<u64>,
+    /// Proposals not yet handed to raft (see [`Self::may_propose`]).
+    held: Held,
     /// Number of the last Ready handed to the writer, and of the last it reported durable.
     submitted: u64,
     persisted: u64,
@@ -445,6 +466,7 @@ impl RaftNode {
             snapshot_done_tx,
             snapshot_done_rx: Some(snapshot_done_rx),
             snapshot_persisting: None,
+            held: Held::default(),
             submitted: 0,
             persisted: 0,
             status: shared.status.clone(),
@@ -476,7 +498,6 @@ impl RaftNode {
         self.publish_status();
         // Set while a leader hands over before stopping.
         let mut handing_over: Option<Instant> = None;
-        let mut proposals = Vec::new();
         loop {
             tokio::select! {
                 biased;
@@ -498,7 +519,7 @@ impl RaftNode {
                 Some(done) = snapshot_done_rx.recv() => self.on_snapshot_written(done)?,
                 Some(r) = inp.report_rx.recv() => self.report(r),
                 p = inp.propose_rx.recv() => match p {
-                    Some(p) => proposals.push(p),
+                    Some(p) => self.held.push(p),
                     // Every proposer gone is raftexample's closed proposeC: stop.
                     None => break,
                 },
@@ -507,9 +528,9 @@ impl RaftNode {
             }
             // Take whatever else is already queued on every input, so one Ready (and one
             // fsync) covers it all and no input starves another.
-            self.drain(&mut inp, &mut persisted_rx, &mut proposals)?;
-            if self.may_propose(proposals.len()) {
-                self.propose(std::mem::take(&mut proposals));
+            self.drain(&mut inp, &mut persisted_rx)?;
+            if self.may_propose() {
+                self.propose();
             }
             self.reads.flush(&mut self.node);
             while self.node.has_ready() && self.exit.is_none() {
@@ -558,7 +579,6 @@ impl RaftNode {
         &mut self,
         inp: &mut Inputs,
         persisted_rx: &mut mpsc::UnboundedReceiver<Result<Persisted, WriterError>>,
-        proposals: &mut Vec<Proposal>,
     ) -> Result<()> {
         while let Ok(p) = persisted_rx.try_recv() {
             self.on_persisted(p)?;
@@ -576,7 +596,7 @@ impl RaftNode {
             let Ok(p) = inp.propose_rx.try_recv() else {
                 break;
             };
-            proposals.push(p);
+            self.held.push(p);
         }
         for _ in 0..DRAIN {
             let Ok(r) = inp.read_rx.try_recv() else { break };
@@ -603,7 +623,13 @@ impl RaftNode {
         Some(to)
     }
 
-    fn step(&mut self, m: Message) {
+    fn step(&mut self, mut m: Message) {
+        if m.get_msg_type() == MessageType::MsgPropose && self.node.raft.state == StateRole::Leader
+        {
+            // Proposals a follower forwarded join the leader's own batch.
+            self.held.entries.extend(m.take_entries());
+            return;
+        }
         if let Err(e) = self.node.step(m) {
             // StepPeerNotFound (a removed peer's response) and StepLocalMsg (a local-only type
             // sent over the wire) are expected noise, never fatal.
@@ -625,38 +651,32 @@ impl RaftNode {
         }
     }
 
-    /// A leader holds new proposals while its last WAL write is still in flight, and proposes
-    /// them together when it ends: the disk is busy anyway, and one batch then costs one
-    /// Ready, one WAL write with one fsync and one MsgAppend per follower instead of several.
-    /// Followers forward at once (the leader batches), and the hold is bounded in size.
-    fn may_propose(&self, held: usize) -> bool {
+    /// A leader holds new proposals (its own and those followers forward) while its last WAL
+    /// write is still in flight, and proposes them together when it ends: the disk is busy
+    /// anyway, and one batch then costs one Ready, one WAL write with one fsync and one
+    /// MsgAppend per follower instead of several. Followers forward at once (the leader
+    /// batches), and the hold is bounded in size.
+    fn may_propose(&self) -> bool {
         self.node.raft.state != StateRole::Leader
             || self.persisted == self.submitted
-            || held >= DRAIN
+            || self.held.entries.len() >= DRAIN
     }
 
-    /// Proposes everything taken from `propose_rx` in this pass as one `MsgPropose` (what
-    /// `RawNode::propose` builds, with many entries instead of one), so raft appends and
-    /// replicates them together and a follower forwards them to the leader in one message.
-    fn propose(&mut self, batch: Vec<Proposal>) {
-        if batch.is_empty() {
+    /// Proposes everything held as one `MsgPropose` (what `RawNode::propose` builds, with many
+    /// entries instead of one), so raft appends and replicates them together and a follower
+    /// forwards them to the leader in one message.
+    fn propose(&mut self) {
+        if self.held.entries.is_empty() {
             return;
         }
+        let Held { entries, dones } = std::mem::take(&mut self.held);
+        let n = entries.len();
         let mut m = Message::default();
         m.set_msg_type(MessageType::MsgPropose);
         m.from = self.id;
-        let mut dones = Vec::with_capacity(batch.len());
-        let mut entries = Vec::with_capacity(batch.len());
-        for p in batch {
-            entries.push(Entry {
-                data: p.data.into(),
-                ..Default::default()
-            });
-            dones.push(p.done);
-        }
         m.set_entries(entries.into());
         let res = self.node.step(m).map_err(|e| e.to_string());
-        crate::metrics::proposals(res.is_ok(), dones.len());
+        crate::metrics::proposals(res.is_ok(), n);
         for done in dones {
             let _ = done.send(res.clone());
         }
