@@ -105,7 +105,7 @@ fn describe(e: &raft::prelude::Entry) -> String {
         EntryType::EntryNormal => match Put::decode(&e.data) {
             Ok(p) => format!(
                 "put key={:?} value_bytes={}",
-                String::from_utf8_lossy(&p.key),
+                String::from_utf8_lossy(p.key),
                 p.value.len()
             ),
             Err(_) => format!("normal data_bytes={}", e.data.len()),

@@ -234,28 +234,29 @@ pub struct Proposal {
 }
 
 /// The replicated command: a PUT tagged with an id unique to the proposing node's run, so that
-/// only the node that proposed it wakes its client.
+/// only the node that proposed it wakes its client. It borrows its key and value, so applying
+/// an entry copies them once, into the map.
 #[derive(Debug, PartialEq)]
-pub struct Put {
+pub struct Put<'a> {
     pub id: u64,
-    pub key: Vec<u8>,
-    pub value: Vec<u8>,
+    pub key: &'a [u8],
+    pub value: &'a [u8],
 }
 
-impl Put {
+impl<'a> Put<'a> {
     pub fn encode(&self) -> Vec<u8> {
         let mut buf = Vec::with_capacity(24 + self.key.len() + self.value.len());
         put_u64(&mut buf, self.id)
-            .and_then(|()| put_bytes(&mut buf, &self.key))
-            .and_then(|()| put_bytes(&mut buf, &self.value))
+            .and_then(|()| put_bytes(&mut buf, self.key))
+            .and_then(|()| put_bytes(&mut buf, self.value))
             .expect("writing to a Vec cannot fail");
         buf
     }
 
-    pub fn decode(mut buf: &[u8]) -> Result<Put, DecodeError> {
+    pub fn decode(mut buf: &'a [u8]) -> Result<Put<'a>, DecodeError> {
         let id = get_u64(&mut buf)?;
-        let key = get_bytes(&mut buf)?.to_vec();
-        let value = get_bytes(&mut buf)?.to_vec();
+        let key = get_bytes(&mut buf)?;
+        let value = get_bytes(&mut buf)?;
         if !buf.is_empty() {
             return Err(DecodeError::Trailing(buf.len()));
         }
@@ -376,7 +377,12 @@ impl KvStore {
         deadline: tokio::time::Instant,
     ) -> Result<(), PutError> {
         let id = self.next_id();
-        let data = Put { id, key, value }.encode();
+        let data = Put {
+            id,
+            key: &key,
+            value: &value,
+        }
+        .encode();
         let (applied_tx, applied_rx) = oneshot::channel();
         self.waiters
             .lock()
@@ -442,7 +448,7 @@ impl KvStore {
                         match Put::decode(d) {
                             Ok(put) => {
                                 woken.push(put.id);
-                                map.insert(&put.key, &put.value);
+                                map.insert(put.key, put.value);
                             }
                             // Every node decodes the same entry the same way, so skipping it
                             // keeps the replicas identical.
@@ -552,8 +558,8 @@ mod tests {
         }
         let put = Put {
             id: 42,
-            key: b"/k".to_vec(),
-            value: vec![0, 255, 7],
+            key: b"/k",
+            value: &[0, 255, 7],
         };
         let old = bincode::serialize(&BincodePut {
             id: 42,

@@ -92,8 +92,8 @@ fn hostile_batch(from: u64, to: u64, term: u64, commit: u64) -> Vec<u8> {
     app.commit = commit + 1;
     let put = raftexample::kvstore::Put {
         id: 1,
-        key: b"/forged".to_vec(),
-        value: b"evil".to_vec(),
+        key: b"/forged",
+        value: b"evil",
     };
     let e = Entry {
         term,
