@@ -80,10 +80,10 @@ pub struct ApiState {
 pub fn forwarded_router(state: ApiState) -> Router {
     Router::new()
         .route("/conf-change", axum::routing::post(forwarded))
-        .with_state(state)
+        .with_state(Arc::new(state))
 }
 
-async fn forwarded(State(st): State<ApiState>, body: Bytes) -> Result<Response, ApiError> {
+async fn forwarded(State(st): State<Arc<ApiState>>, body: Bytes) -> Result<Response, ApiError> {
     use protobuf::Message as _;
     let cc = ConfChange::parse_from_bytes(&body)
         .map_err(|_| ApiError::BadRequest("undecodable conf change".into()))?;
@@ -95,11 +95,12 @@ pub fn client_router(state: ApiState, max_body: usize) -> Router {
     Router::new()
         .fallback(handle)
         .layer(DefaultBodyLimit::max(max_body))
-        .with_state(state)
+        // Shared, not cloned per request.
+        .with_state(Arc::new(state))
 }
 
 async fn handle(
-    State(st): State<ApiState>,
+    State(st): State<Arc<ApiState>>,
     method: Method,
     uri: Uri,
     body: Bytes,
