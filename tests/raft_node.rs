@@ -100,7 +100,7 @@ async fn close_proposer_before_replay() {
     let res = tokio::time::timeout(T, &mut node.handle.error_rx)
         .await
         .expect("stops within 20 s")
-        .expect("raft thread reports");
+        .expect("raft task reports");
     assert_eq!(res.expect("no error"), Exit::Shutdown);
 }
 
@@ -125,7 +125,7 @@ async fn close_proposer_inflight() {
     let res = tokio::time::timeout(T, &mut node.handle.error_rx)
         .await
         .expect("stops within 20 s")
-        .expect("raft thread reports");
+        .expect("raft task reports");
     assert_eq!(res.expect("no error"), Exit::Shutdown);
 }
 
