@@ -301,7 +301,6 @@ fn encode_frame(meta: &SnapshotMetadata, data_len: u64) -> Result<(Vec<u8>, Vec<
     Ok((head, tail))
 }
 
-/// Checksums (CRC-32C) and counts what passes through.
 /// Bytes of a snapshot file written between two fdatasyncs.
 const SYNC_EVERY: u64 = 1 << 20;
 
@@ -331,6 +330,7 @@ impl Write for SyncEvery {
     }
 }
 
+/// Checksums (CRC-32C) and counts what passes through.
 struct CrcWriter<W> {
     inner: W,
     crc: u32,
