@@ -9,15 +9,15 @@ mod common;
 #[path = "common/history.rs"]
 mod history;
 use common::{seed, Rng};
-use history::{client, get, save, Counts, HistoryLoad};
+use history::{check_or_dump, client, final_reads, Counts, HistoryLoad};
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::task::JoinHandle;
 
-use checker::{check, Op};
+use checker::Op;
 use common::{healthy, poll_until, wait_until, Cluster, TIMEOUT};
 
 const KEYS: [&str; 3] = ["/lin-a", "/lin-b", "/lin-c"];
@@ -61,43 +61,23 @@ async fn finish_and_check(
 
     // Final reads on every node: each must see the key's last write.
     cluster.wait_leader().await;
-    let http = load.http();
-    for node in &cluster.nodes {
-        for key in KEYS {
-            let url = format!("http://127.0.0.1:{}{key}", node.client_port);
-            let op = get(&http, 100 + node.id as usize, &url, key, &load.clock)
-                .await
-                .unwrap_or_else(|| panic!("final GET {url} failed"));
-            history.push(op);
-        }
-    }
+    let nodes: Vec<(u64, u16)> = cluster
+        .nodes
+        .iter()
+        .map(|n| (n.id, n.client_port))
+        .collect();
+    final_reads(&load.http(), &nodes, KEYS, &load.clock, &mut history).await;
 
     let Counts {
         completed,
         puts_done,
-        unknown,
         reads_of_values,
-    } = Counts::of(&history);
-    let checked = Instant::now();
-    let result = check(&history);
-    let check_time = checked.elapsed();
-    eprintln!(
-        "{} operations in {load_time:?} ({completed} completed: {puts_done} PUTs, \
-         {reads_of_values} GETs of a value; {unknown} PUTs of unknown outcome); {faults}; \
-         checked in {check_time:?}: {result:?}",
-        history.len()
+        ..
+    } = check_or_dump(
+        &history,
+        &format!("linearizability-{}-{seed}", std::process::id()),
+        &format!("load {load_time:?}; {faults}; seed {seed}"),
     );
-    if let Err(e) = result {
-        let (path, saved) = save(
-            &history,
-            &format!("linearizability-{}-{seed}", std::process::id()),
-        );
-        panic!(
-            "history is not linearizable ({faults}; seed {seed}; whole history in {}: \
-             {saved:?}):\n{e}",
-            path.display()
-        );
-    }
     assert!(completed > 300, "only {completed} operations completed");
     assert!(puts_done > 100, "only {puts_done} PUTs completed");
     assert!(

@@ -18,7 +18,7 @@ mod common;
 #[path = "common/history.rs"]
 mod history;
 use common::{assert_all_readable, seed, Rng};
-use history::{client, get, save, Counts, HistoryLoad};
+use history::{check_or_dump, client, final_reads, Counts, HistoryLoad};
 
 use std::cell::Cell;
 use std::collections::BTreeSet;
@@ -26,7 +26,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use checker::check;
 use common::{
     client_request, delete_member, healthy, member_ids, poll_until, pooled_client, status,
     try_get_serializable_with, try_get_with, try_put_with, wait_converged, wait_until, Cluster,
@@ -805,42 +804,26 @@ async fn soak(secs: u64) {
     }
     // Final reads of every key on every node: each must see the key's last write.
     let keys: BTreeSet<String> = history.iter().map(|op| op.key.clone()).collect();
-    let http = pooled_client();
-    for id in 1..=3u64 {
-        for key in &keys {
-            let url = format!("http://127.0.0.1:{}{key}", cluster.node(id).client_port);
-            let op = get(&http, 100 + id as usize, &url, key, &soak.clock)
-                .await
-                .unwrap_or_else(|| panic!("final GET {url} failed"));
-            history.push(op);
-        }
-    }
+    let nodes: Vec<(u64, u16)> = (1..=3u64)
+        .map(|id| (id, cluster.node(id).client_port))
+        .collect();
+    final_reads(&pooled_client(), &nodes, &keys, &soak.clock, &mut history).await;
     let converged = wait_converged(&cluster, &[1, 2, 3]).await;
 
     let Counts {
         completed,
         puts_done,
-        unknown,
         reads_of_values,
-    } = Counts::of(&history);
-    let checked = Instant::now();
-    let result = check(&history);
-    let check_time = checked.elapsed();
-    eprintln!(
-        "{} operations in {load_time:?} ({completed} completed: {puts_done} PUTs, \
-         {reads_of_values} GETs of a value; {unknown} PUTs of unknown outcome) on {} keys; \
-         faults (fault, node, was leader): {faults:?}; checked in {check_time:?}: {result:?}; \
-         converged at {converged:?}",
-        history.len(),
-        keys.len()
+        ..
+    } = check_or_dump(
+        &history,
+        &format!("soak-{}", std::process::id()),
+        &format!(
+            "load {load_time:?} on {} keys; faults (fault, node, was leader): {faults:?}; \
+             converged at {converged:?}; seed {seed}",
+            keys.len()
+        ),
     );
-    if let Err(e) = result {
-        let (path, saved) = save(&history, &format!("soak-{}", std::process::id()));
-        panic!(
-            "history is not linearizable (seed {seed}; whole history in {}: {saved:?}):\n{e}",
-            path.display()
-        );
-    }
     // Not vacuous: enough operations, writes and reads of written values, per second run.
     let secs_run = load_time.as_secs().max(1) as usize;
     assert!(

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::checker::{Clock, Kind, Op};
+use crate::checker::{check, Clock, Kind, Op};
 use crate::common::{http_client, wait_until, Rng, StatusCode};
 
 /// What the clients share with the test body.
@@ -166,8 +166,59 @@ pub async fn get(
     })
 }
 
+/// One final linearizable GET of every key on every node (`(id, client port)`; the reader is
+/// client `100 + id`), appended to `history`: each must see the key's last write.
+pub async fn final_reads(
+    http: &reqwest::Client,
+    nodes: &[(u64, u16)],
+    keys: impl IntoIterator<Item = impl AsRef<str>> + Clone,
+    clock: &Clock,
+    history: &mut Vec<Op>,
+) {
+    for &(id, port) in nodes {
+        for key in keys.clone() {
+            let key = key.as_ref();
+            let url = format!("http://127.0.0.1:{port}{key}");
+            let op = get(http, 100 + id as usize, &url, key, clock)
+                .await
+                .unwrap_or_else(|| panic!("final GET {url} failed"));
+            history.push(op);
+        }
+    }
+}
+
+/// Runs the checker on `history` and prints one line with its counts, `about` (what ran and
+/// what went wrong) and the verdict. A history that is not linearizable is saved as `name`
+/// and the test panics naming the file. Returns the counts for the "not vacuous" checks.
+pub fn check_or_dump(history: &[Op], name: &str, about: &str) -> Counts {
+    let counts = Counts::of(history);
+    let Counts {
+        completed,
+        puts_done,
+        unknown,
+        reads_of_values,
+    } = counts;
+    let checked = Instant::now();
+    let result = check(history);
+    let check_time = checked.elapsed();
+    eprintln!(
+        "{} operations ({completed} completed: {puts_done} PUTs, {reads_of_values} GETs of a \
+         value; {unknown} PUTs of unknown outcome); {about}; checked in {check_time:?}: \
+         {result:?}",
+        history.len()
+    );
+    if let Err(e) = result {
+        let (path, saved) = save(history, name);
+        panic!(
+            "history is not linearizable ({about}; whole history in {}: {saved:?}):\n{e}",
+            path.display()
+        );
+    }
+    counts
+}
+
 /// What a history holds, for the tests' messages and their "not vacuous" checks.
-#[derive(Debug)]
+#[derive(Clone, Copy, Debug)]
 pub struct Counts {
     /// Operations with a return time.
     pub completed: usize,
