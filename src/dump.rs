@@ -9,7 +9,7 @@ use protobuf::Message as _;
 use raft::prelude::{ConfChange, EntryType};
 
 use crate::error::{Error, Result};
-use crate::kvstore::Put;
+use crate::kvstore::decode_puts;
 use crate::wal::{self, Record};
 
 /// Writes one line per record to `out`; an error (corruption) is returned for the caller to
@@ -102,12 +102,20 @@ fn file_name(p: &Path) -> String {
 fn describe(e: &raft::prelude::Entry) -> String {
     match e.get_entry_type() {
         EntryType::EntryNormal if e.data.is_empty() => "no-op".into(),
-        EntryType::EntryNormal => match Put::decode(&e.data) {
-            Ok(p) => format!(
-                "put key={:?} value_bytes={}",
-                String::from_utf8_lossy(p.key),
-                p.value.len()
-            ),
+        EntryType::EntryNormal => match decode_puts(&e.data) {
+            Ok(puts) => {
+                let each = puts.iter().map(|p| {
+                    format!(
+                        "put key={:?} value_bytes={}",
+                        String::from_utf8_lossy(p.key),
+                        p.value.len()
+                    )
+                });
+                match puts.len() {
+                    1 => each.collect(),
+                    n => format!("puts n={n}: {}", each.collect::<Vec<_>>().join("; ")),
+                }
+            }
             Err(_) => format!("normal data_bytes={}", e.data.len()),
         },
         EntryType::EntryConfChange => match ConfChange::parse_from_bytes(&e.data) {

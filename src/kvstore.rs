@@ -253,15 +253,46 @@ impl<'a> Put<'a> {
         buf
     }
 
+    /// Exactly one encoded PUT.
     pub fn decode(mut buf: &'a [u8]) -> Result<Put<'a>, DecodeError> {
-        let id = get_u64(&mut buf)?;
-        let key = get_bytes(&mut buf)?;
-        let value = get_bytes(&mut buf)?;
+        let put = Put::decode_next(&mut buf)?;
         if !buf.is_empty() {
             return Err(DecodeError::Trailing(buf.len()));
         }
+        Ok(put)
+    }
+
+    /// The PUT at the front of `buf`, which is advanced past it.
+    fn decode_next(buf: &mut &'a [u8]) -> Result<Put<'a>, DecodeError> {
+        let id = get_u64(buf)?;
+        let key = get_bytes(buf)?;
+        let value = get_bytes(buf)?;
         Ok(Put { id, key, value })
     }
+}
+
+/// The PUTs in one entry's data. The raft task packs the proposals of a batch back to back into
+/// one entry (one entry per PUT cost an `Entry` in memory, a WAL record and raft bookkeeping
+/// each), so the data is one or more encoded [`Put`]s; entries written before packing hold one.
+pub fn decode_puts(mut buf: &[u8]) -> Result<Vec<Put<'_>>, DecodeError> {
+    let mut puts = Vec::new();
+    while !buf.is_empty() {
+        puts.push(Put::decode_next(&mut buf)?);
+    }
+    Ok(puts)
+}
+
+/// How many writes an entry's data holds, for the snapshot and catch-up counts, which count
+/// writes as raftexample's count entries: its PUTs, or 1 for data that does not decode.
+pub fn count_writes(mut buf: &[u8]) -> u64 {
+    let mut n = 0;
+    while !buf.is_empty() {
+        if Put::decode_next(&mut buf).is_err() {
+            break;
+        }
+        n += 1;
+    }
+    n.max(1)
 }
 
 /// Why a `KvStore::put` did not return Ok.
@@ -445,13 +476,15 @@ impl KvStore {
                     // Published under the lock so `digest` sees a map and index that match.
                     self.applied_tx.send_replace(index);
                     for d in &data {
-                        match Put::decode(d) {
-                            Ok(put) => {
-                                woken.push(put.id);
-                                map.insert(put.key, put.value);
+                        match decode_puts(d) {
+                            Ok(puts) => {
+                                for put in puts {
+                                    woken.push(put.id);
+                                    map.insert(put.key, put.value);
+                                }
                             }
                             // Every node decodes the same entry the same way, so skipping it
-                            // keeps the replicas identical.
+                            // (whole, before any of it applies) keeps the replicas identical.
                             Err(e) => {
                                 slog::error!(self.logger, "undecodable entry skipped"; "index" => index, "error" => %e)
                             }
@@ -602,6 +635,59 @@ mod tests {
         let mut huge = put.encode();
         huge[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
         assert_eq!(Put::decode(&huge), Err(DecodeError::Truncated));
+    }
+
+    /// An entry packs several PUTs back to back and applies them in order; one PUT alone (as
+    /// entries were written before packing) is a batch of one; a damaged batch applies none.
+    #[test]
+    fn packed_entry_applies_every_put() {
+        let (kv, _rx) = store();
+        let puts = [
+            Put {
+                id: 1,
+                key: b"/a",
+                value: b"1",
+            },
+            Put {
+                id: 2,
+                key: b"/b",
+                value: b"",
+            },
+            Put {
+                id: 3,
+                key: b"/a",
+                value: b"3",
+            },
+        ];
+        let packed: Vec<u8> = puts.iter().flat_map(|p| p.encode()).collect();
+        assert_eq!(decode_puts(&packed).unwrap(), puts);
+        assert_eq!(count_writes(&packed), 3);
+        assert_eq!(count_writes(&puts[0].encode()), 1);
+        assert_eq!(count_writes(b"junk"), 1);
+        assert!(decode_puts(&packed[..packed.len() - 1]).is_err());
+
+        let single = Put {
+            id: 4,
+            key: b"/c",
+            value: b"4",
+        }
+        .encode();
+        let (tx, _) = oneshot::channel();
+        kv.apply(Apply::Entries {
+            index: 2,
+            data: vec![packed[..packed.len() - 1].to_vec().into(), single.into()],
+            applied: tx,
+        });
+        assert_eq!(kv.lookup(b"/a"), None);
+        assert_eq!(kv.lookup(b"/c"), Some(b"4".to_vec()));
+        let (tx, _) = oneshot::channel();
+        kv.apply(Apply::Entries {
+            index: 3,
+            data: vec![packed.into()],
+            applied: tx,
+        });
+        assert_eq!(kv.lookup(b"/a"), Some(b"3".to_vec()));
+        assert_eq!(kv.lookup(b"/b"), Some(b"".to_vec()));
     }
 
     /// A PUT returns only once its own entry is applied, and the applied signal fires.

@@ -161,22 +161,56 @@ pub enum Exit {
     Removed,
 }
 
-/// Entries waiting to be proposed as one batch, and the local proposers waiting for raft's
+/// Encoded PUTs packed into one entry; a batch larger than this continues in the next one.
+const ENTRY_BYTES: usize = 256 << 10;
+
+/// Proposals waiting to be proposed as one batch, and the local proposers waiting for raft's
 /// verdict on them (entries forwarded by followers have none: their proposer waits on its own
-/// node for the entry to apply).
+/// node for the entry to apply). Local PUTs are packed back to back into as few entries as
+/// [`ENTRY_BYTES`] allows (see [`crate::kvstore::decode_puts`]): raft's bookkeeping, the log
+/// kept in memory and the WAL all cost per entry.
 #[derive(Default)]
 struct Held {
+    /// Entries ready to propose: packed ones and those followers forwarded (packed there).
     entries: Vec<Entry>,
+    /// PUTs packed into the next entry.
+    packing: Vec<u8>,
+    /// Local proposals and forwarded entries held, which bounds the batch.
+    count: usize,
     dones: Vec<oneshot::Sender<Result<(), String>>>,
 }
 
 impl Held {
     fn push(&mut self, p: Proposal) {
+        if !self.packing.is_empty() && self.packing.len() + p.data.len() > ENTRY_BYTES {
+            self.seal();
+        }
+        if self.packing.is_empty() {
+            self.packing = p.data;
+        } else {
+            self.packing.extend_from_slice(&p.data);
+        }
+        self.dones.push(p.done);
+        self.count += 1;
+    }
+
+    fn forwarded(&mut self, entries: impl IntoIterator<Item = Entry>) {
+        let before = self.entries.len();
+        self.entries.extend(entries);
+        self.count += self.entries.len() - before;
+    }
+
+    fn seal(&mut self) {
+        if self.packing.is_empty() {
+            return;
+        }
+        let mut data = std::mem::take(&mut self.packing);
+        // The entry stays in the in-memory log until compacted; growth slack would stay too.
+        data.shrink_to_fit();
         self.entries.push(Entry {
-            data: p.data.into(),
+            data: data.into(),
             ..Default::default()
         });
-        self.dones.push(p.done);
     }
 }
 
@@ -199,6 +233,9 @@ pub struct RaftNode {
     /// Payload size of the newest snapshot, and entry bytes applied since it was taken.
     snapshot_bytes: u64,
     log_bytes: u64,
+    /// Writes applied since the last snapshot was taken or installed: PUTs (an entry packs
+    /// several) plus other entries, one each, which is what raftexample's entry count meant.
+    writes: u64,
     /// Fires when the kvstore has applied the last batch sent (raftexample's `applyDoneC`).
     last_apply_done: Option<oneshot::Receiver<()>>,
     pending_cc: HashMap<u64, oneshot::Sender<Result<(), ConfChangeError>>>,
@@ -459,6 +496,8 @@ impl RaftNode {
             snapshot_index,
             snapshot_bytes,
             log_bytes: 0,
+            // The bootstrap's membership entries count, as raftexample counts them.
+            writes: applied - snapshot_index,
             last_apply_done: None,
             pending_cc: HashMap::new(),
             reads: ReadBatcher::default(),
@@ -627,7 +666,7 @@ impl RaftNode {
         if m.get_msg_type() == MessageType::MsgPropose && self.node.raft.state == StateRole::Leader
         {
             // Proposals a follower forwarded join the leader's own batch.
-            self.held.entries.extend(m.take_entries());
+            self.held.forwarded(m.take_entries());
             return;
         }
         if let Err(e) = self.node.step(m) {
@@ -659,24 +698,24 @@ impl RaftNode {
     fn may_propose(&self) -> bool {
         self.node.raft.state != StateRole::Leader
             || self.persisted == self.submitted
-            || self.held.entries.len() >= DRAIN
+            || self.held.count >= DRAIN
     }
 
     /// Proposes everything held as one `MsgPropose` (what `RawNode::propose` builds, with many
     /// entries instead of one), so raft appends and replicates them together and a follower
     /// forwards them to the leader in one message.
     fn propose(&mut self) {
-        if self.held.entries.is_empty() {
+        if self.held.count == 0 {
             return;
         }
-        let Held { entries, dones } = std::mem::take(&mut self.held);
-        let n = entries.len();
+        self.held.seal();
+        let Held { entries, dones, .. } = std::mem::take(&mut self.held);
         let mut m = Message::default();
         m.set_msg_type(MessageType::MsgPropose);
         m.from = self.id;
         m.set_entries(entries.into());
         let res = self.node.step(m).map_err(|e| e.to_string());
-        crate::metrics::proposals(res.is_ok(), n);
+        crate::metrics::proposals(res.is_ok(), dones.len());
         for done in dones {
             let _ = done.send(res.clone());
         }
@@ -890,6 +929,7 @@ impl RaftNode {
         self.snapshot_index = index;
         self.snapshot_bytes = snap_bytes;
         self.log_bytes = 0;
+        self.writes = 0;
         self.purge()
     }
 
@@ -913,6 +953,12 @@ impl RaftNode {
                 continue;
             }
             self.log_bytes += e.data.len() as u64;
+            self.writes += match e.get_entry_type() {
+                EntryType::EntryNormal if !e.data.is_empty() => {
+                    crate::kvstore::count_writes(&e.data)
+                }
+                _ => 1,
+            };
             match e.get_entry_type() {
                 // An empty entry is a new leader's no-op.
                 EntryType::EntryNormal if !e.data.is_empty() => data.push(e.data),
@@ -998,12 +1044,13 @@ impl RaftNode {
     /// snapshot thread stream it into the `.snap` file; [`Self::on_snapshot_written`] then
     /// compacts the log.
     async fn maybe_trigger_snapshot(&mut self) -> Result<()> {
-        let due = self.applied - self.snapshot_index > self.snapshot_count
+        let due = self.writes > self.snapshot_count
             && (self.snapshot_bytes < AMORTIZE_ABOVE || self.log_bytes >= self.snapshot_bytes);
         if self.snapshot_in_flight || !due {
             return Ok(());
         }
         self.log_bytes = 0;
+        self.writes = 0;
         if let Some(done) = self.last_apply_done.take() {
             // The map must hold exactly the entries up to `applied`.
             let _ = done.await;
@@ -1078,7 +1125,17 @@ impl RaftNode {
             .mut_store()
             .set_snapshot_on_disk(done.meta, done.path);
         self.snapshot_index = index;
-        let compact = index.saturating_sub(self.catchup_entries);
+        // Keeps the entries holding the last `catchup_entries` writes for followers slightly
+        // behind (raftexample's snapshotCatchUpEntriesN, which counts entries of one write).
+        let compact = self
+            .node
+            .store()
+            .catchup_start(index, self.catchup_entries, |e| match e.get_entry_type() {
+                EntryType::EntryNormal if !e.data.is_empty() => {
+                    crate::kvstore::count_writes(&e.data)
+                }
+                _ => 1,
+            });
         if compact > 0 {
             self.node.mut_store().compact(compact)?;
         }

@@ -157,6 +157,25 @@ impl RaftStorage {
         self.snapshot_file = Some(path);
     }
 
+    /// The index to compact to after a snapshot at `index` (≤ last index) so that the entries
+    /// kept up to `index` weigh at least `keep` in all, or the current compaction point if the
+    /// whole log weighs less.
+    pub fn catchup_start(&self, index: u64, keep: u64, weight: impl Fn(&Entry) -> u64) -> u64 {
+        let offset = self.offset();
+        if keep == 0 {
+            return index.max(offset);
+        }
+        let end = (index.min(self.last()).saturating_sub(offset) + 1) as usize;
+        let mut total = 0;
+        for e in self.ents[1..end].iter().rev() {
+            total += weight(e);
+            if total >= keep {
+                return e.index - 1;
+            }
+        }
+        offset
+    }
+
     /// Drops entries before `compact_index`; it becomes the new dummy entry.
     pub fn compact(&mut self, compact_index: u64) -> raft::Result<()> {
         let offset = self.offset();
@@ -288,6 +307,24 @@ mod tests {
         assert_eq!(s.last_index().unwrap(), 4);
         assert_eq!(s.term(3).unwrap(), 2);
         assert_eq!(s.term(2).unwrap(), 1);
+    }
+
+    /// Catch-up after a snapshot keeps the newest entries that weigh `keep` in all, never
+    /// more than the log holds.
+    #[test]
+    fn catchup_start_weighs_entries() {
+        let mut s = storage_with(10);
+        // Entry i weighs i: entries 10, 9 and 8 weigh 27.
+        let w = |e: &Entry| e.index;
+        assert_eq!(s.catchup_start(10, 27, w), 7);
+        assert_eq!(s.catchup_start(10, 28, w), 6);
+        assert_eq!(s.catchup_start(10, 1, w), 9);
+        assert_eq!(s.catchup_start(10, 0, w), 10);
+        assert_eq!(s.catchup_start(8, 15, w), 6);
+        assert_eq!(s.catchup_start(10, 1000, w), 0);
+        s.compact(4).unwrap();
+        assert_eq!(s.catchup_start(10, 1000, w), 4);
+        assert_eq!(s.catchup_start(10, 3, |_| 1), 7);
     }
 
     /// A snapshot kept on disk is read back whole when raft asks for it; while its file is
