@@ -60,6 +60,14 @@ pub fn wal_dump(data_dir: &Path, id: u64, out: &mut impl Write) -> Result<()> {
         };
         writeln!(out, "{line}").map_err(io)?;
     }
+    if let Some((path, offset)) = &recs.unused {
+        writeln!(
+            out,
+            "unused zeros in {} from offset {offset} (written ahead of the records; startup trims them)",
+            path.display()
+        )
+        .map_err(io)?;
+    }
     if let Some((path, offset)) = &recs.torn_tail {
         writeln!(
             out,

@@ -176,6 +176,25 @@ fn append(path: &Path, bytes: &[u8]) {
     f.sync_all().expect("fsync the damaged file");
 }
 
+/// Cuts `path` to `len` bytes, durably.
+fn cut(path: &Path, len: u64) {
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    f.set_len(len).expect("truncate the segment");
+    f.sync_all().expect("fsync the cut file");
+}
+
+/// The offset `wal-dump` reports the zeros written ahead in `file` to start at, if any.
+fn unused_from(stdout: &str, file: &str) -> Option<u64> {
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("unused zeros in ") && l.contains(file))?;
+    let (_, rest) = line.split_once(" from offset ")?;
+    rest.split_whitespace().next()?.parse().ok()
+}
+
 fn file_len(path: &Path) -> u64 {
     fs::metadata(path)
         .unwrap_or_else(|e| panic!("stat {}: {e}", path.display()))
@@ -235,10 +254,12 @@ async fn expect_refusal(node: &mut Node, log_from: usize) -> String {
 /// the segment file and the offset), serves every acknowledged key, and appends correctly after
 /// the cut (the next crash and restart still read the whole WAL):
 /// 1. a prefix of the last entry record re-appended (the frame runs past EOF);
-/// 2. a zero-filled tail (a file extended but its data never written);
+/// 2. a copy of the last entry record after 4 KiB of zeros (a write torn in the zeros the
+///    WAL writes ahead of its records: its first blocks never reached the disk);
 /// 3. a complete copy of the last entry record (its CRC does not chain) followed by zeros.
 ///
-/// `wal-dump` reports each torn tail without modifying the file.
+/// The damage is written where the records end, over the zeros written ahead. `wal-dump`
+/// reports each torn tail without modifying the file.
 #[tokio::test(flavor = "multi_thread")]
 async fn torn_tail_is_repaired_at_startup() {
     let mut cluster = single(&[]).await;
@@ -248,7 +269,11 @@ async fn torn_tail_is_repaired_at_startup() {
         ("the last entry record without its last 3 bytes", |last| {
             last[..last.len() - 3].to_vec()
         }),
-        ("4 KiB of zeros", |_| vec![0; 4096]),
+        ("the last entry record after 4 KiB of zeros", |last| {
+            let mut v = vec![0; 4096];
+            v.extend_from_slice(last);
+            v
+        }),
         ("a full copy of the last entry record, then zeros", |last| {
             let mut v = last.to_vec();
             v.extend_from_slice(&[0; 512]);
@@ -269,7 +294,8 @@ async fn torn_tail_is_repaired_at_startup() {
         let segment = cluster.node(1).wal_dir().join(&last.file);
         assert_eq!(segment, newest_segment(cluster.node(1)));
         let bytes = fs::read(&segment).expect("read the newest segment");
-        let torn_at = bytes.len() as u64;
+        // The records end where the zeros written ahead start.
+        let torn_at = unused_from(&stdout, &last.file).unwrap_or(bytes.len() as u64);
         // The last entry record of the segment, as written (it is followed by a HardState).
         let e = records
             .iter()
@@ -277,6 +303,7 @@ async fn torn_tail_is_repaired_at_startup() {
             .unwrap_or_else(|| panic!("no entry in the newest segment:\n{stdout}"));
         let end = records.get(e + 1).map_or(torn_at, |r| r.offset);
         let garbage = damage(&bytes[records[e].offset as usize..end as usize]);
+        cut(&segment, torn_at);
         append(&segment, &garbage);
 
         let d = wal_dump(cluster.node(1).dir.path(), 1).await;

@@ -52,10 +52,18 @@
 //! when a snapshot marker already replayed covers it (a follower that
 //! installed a snapshot past its log); the older entries are then dropped.
 //!
+//! The last segment is written over zeros written ahead of the records (see
+//! `SegmentFile::append`: an fdatasync that need not change the file's
+//! length is much cheaper). A record length of 0 marks where the writer
+//! stopped: if only zeros follow, they are unused space, trimmed at startup;
+//! anything else after them was never acknowledged and is a torn write. An
+//! older segment is trimmed to its last record when the next one is cut, and
+//! the last one on a clean stop.
+//!
 //! A bad record at the end of the *last* segment (it runs past EOF, or it
-//! fails its CRC and only zero bytes follow, or the rest of the file is
-//! zeros) is a write torn by a crash: the file is truncated at that record and
-//! a warning logged. Any other bad byte is [`Error::Corrupt`], including a
+//! fails its CRC and only zero bytes follow, or it starts with a zero length)
+//! is a write torn by a crash: the file is truncated at that record and a
+//! warning logged. Any other bad byte is [`Error::Corrupt`], including a
 //! length over the limit that still fits in the file (the writer never
 //! produces one, and data follows it).
 
@@ -224,10 +232,18 @@ impl Wal {
                 })?;
             }
             info!(logger, "replayed wal segment"; "file" => path.display(), "records" => records);
-            if let Some(torn) = s.torn {
-                warn!(logger, "truncating torn wal tail";
-                    "file" => path.display(), "offset" => torn.offset, "reason" => torn.reason);
-                segment::truncate(path, s.valid_len)?;
+            match s.torn {
+                Some(torn) if torn.zeros => {
+                    info!(logger, "trimming unused zeros after the last wal record";
+                        "file" => path.display(), "offset" => torn.offset);
+                    segment::truncate(path, s.valid_len)?;
+                }
+                Some(torn) => {
+                    warn!(logger, "truncating torn wal tail";
+                        "file" => path.display(), "offset" => torn.offset, "reason" => torn.reason);
+                    segment::truncate(path, s.valid_len)?;
+                }
+                None => {}
             }
             prev_crc = Some(s.end_crc);
         }
@@ -370,6 +386,13 @@ impl Wal {
         Ok(removed)
     }
 
+    /// Syncs and cuts the zeros written ahead off, for a clean stop.
+    pub fn close(&mut self) -> Result<(), Error> {
+        self.check_usable()?;
+        let r = self.seg.sync().and_then(|()| self.seg.trim());
+        self.poison_on_err(r)
+    }
+
     /// fdatasyncs the current segment.
     pub fn sync(&mut self) -> Result<(), Error> {
         self.check_usable()?;
@@ -425,8 +448,10 @@ impl Wal {
 
     fn roll(&mut self) -> Result<(), Error> {
         // The new segment is durable once created; the old one's tail must
-        // be too, or a crash would leave a torn record mid-WAL.
+        // be too, or a crash would leave a torn record mid-WAL. Its zeros
+        // written ahead go: only the last segment may end in unused space.
         self.seg.sync()?;
+        self.seg.trim()?;
         let name = SegmentName {
             seq: self.seg.name.seq + 1,
             first_index: self.tail.next_index(),
@@ -523,6 +548,9 @@ pub struct DirRecords {
     /// Where a torn tail starts, if the last segment has one (`open` would
     /// truncate it there).
     pub torn_tail: Option<(PathBuf, u64)>,
+    /// Where the zeros written ahead start, if the last segment ends in them
+    /// (`open` trims them).
+    pub unused: Option<(PathBuf, u64)>,
 }
 
 /// Reads every record of every segment in `dir` without modifying anything.
@@ -544,8 +572,10 @@ pub fn read_dir_records(dir: &Path) -> Result<DirRecords, Error> {
                 offset,
                 record,
             }));
-        if let Some(t) = s.torn {
-            out.torn_tail = Some((path.clone(), t.offset));
+        match s.torn {
+            Some(t) if t.zeros => out.unused = Some((path.clone(), t.offset)),
+            Some(t) => out.torn_tail = Some((path.clone(), t.offset)),
+            None => {}
         }
         prev_crc = Some(s.end_crc);
     }
@@ -942,11 +972,13 @@ mod tests {
         let (tmp, file) = damaged_copy(src.path(), end, &[0; 4096]);
         let log = Capture::default();
         let (_, rec) = Wal::open(tmp.path(), WalOptions::default(), &log.logger()).unwrap();
+        // Zeros after the last record are the space the writer fills ahead: no warning.
         assert!(log.has(
-            slog::Level::Warning,
-            "truncating torn wal tail",
+            slog::Level::Info,
+            "trimming unused zeros after the last wal record",
             &["file", "offset"]
         ));
+        assert!(!log.has(slog::Level::Warning, "truncating torn wal tail", &[]));
         assert!(log.has(
             slog::Level::Info,
             "replayed wal segment",
@@ -954,6 +986,88 @@ mod tests {
         ));
         assert_eq!(rec.entries, ents(1..=3, 1));
         assert_eq!(fs::metadata(&file).unwrap().len(), end as u64);
+    }
+
+    /// Records land on zeros written ahead (a quarter of the bytes in use); replay stops at
+    /// the first zero length and trims the rest; a cut segment and a clean close end at the
+    /// last record.
+    #[test]
+    fn records_are_written_over_zeros_written_ahead() {
+        let tmp = TempDir::new().unwrap();
+        let (mut w, _) = Wal::open(tmp.path(), small(4096), &logger()).unwrap();
+        let mut big = ents(1..=1, 1);
+        big[0].data = vec![0xab; 1000].into();
+        w.save(&big, Some(&hs(1, 1)), true).unwrap();
+        let file = w.seg.path.clone();
+        let len = fs::metadata(&file).unwrap().len();
+        assert_eq!(len, w.seg.size + w.seg.size / 4);
+        // Appends within the zeros leave the length alone.
+        w.save(&ents(2..=2, 1), None, true).unwrap();
+        assert!(w.seg.size < len);
+        assert_eq!(fs::metadata(&file).unwrap().len(), len);
+        let in_use = w.seg.size;
+        drop(w);
+
+        let (mut w, rec) = Wal::open(tmp.path(), small(4096), &logger()).unwrap();
+        assert_eq!(rec.entries.len(), 2);
+        assert_eq!(rec.hard_state, hs(1, 1));
+        assert_eq!(fs::metadata(&file).unwrap().len(), in_use);
+        // Past the segment size: the next segment is cut and this one trimmed.
+        for i in 3..=6 {
+            let mut e = ents(i..=i, 1);
+            e[0].data = vec![0xcd; 1000].into();
+            w.save(&e, None, true).unwrap();
+        }
+        let files = wal_files(tmp.path());
+        assert_eq!(files.len(), 2, "{files:?}");
+        let full = read_dir_records(tmp.path()).unwrap();
+        let first_end = full.records.iter().rfind(|r| r.path == files[0]).unwrap();
+        let first_len = fs::metadata(&files[0]).unwrap().len();
+        assert!(first_end.offset < first_len);
+        assert_eq!(
+            segment::scan(&fs::read(&files[0]).unwrap(), None, false)
+                .unwrap()
+                .valid_len,
+            first_len
+        );
+        w.save(&ents(7..=7, 1), None, true).unwrap();
+        assert!(fs::metadata(&files[1]).unwrap().len() > w.seg.size);
+        w.close().unwrap();
+        assert_eq!(fs::metadata(&files[1]).unwrap().len(), w.seg.size);
+        drop(w);
+        assert_eq!(open(tmp.path()).unwrap().1.entries.len(), 7);
+    }
+
+    /// Bytes after zeros that follow the last record were never acknowledged (a write torn
+    /// into the space written ahead): the newest segment is cut at the zeros, with a warning.
+    /// In an older segment the same bytes are corruption.
+    #[test]
+    fn data_after_unused_zeros_is_a_torn_tail() {
+        let src = TempDir::new().unwrap();
+        let (mut w, _) = open(src.path()).unwrap();
+        w.save(&ents(1..=3, 1), Some(&hs(1, 3)), true).unwrap();
+        let end = w.seg.size as usize;
+        drop(w);
+        let mut extra = vec![0; 100];
+        extra.extend_from_slice(b"garbage");
+        let (tmp, file) = damaged_copy(src.path(), end, &extra);
+        let log = Capture::default();
+        let (_, rec) = Wal::open(tmp.path(), WalOptions::default(), &log.logger()).unwrap();
+        assert!(log.has(
+            slog::Level::Warning,
+            "truncating torn wal tail",
+            &["file", "offset"]
+        ));
+        assert_eq!(rec.entries, ents(1..=3, 1));
+        assert_eq!(fs::metadata(&file).unwrap().len(), end as u64);
+
+        let buf = fs::read(src.path().join(file.file_name().unwrap())).unwrap();
+        let mut damaged = buf[..end].to_vec();
+        damaged.extend_from_slice(&extra);
+        assert_eq!(
+            segment::scan(&damaged, None, false).unwrap_err().0,
+            end as u64
+        );
     }
 
     #[test]

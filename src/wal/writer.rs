@@ -179,6 +179,6 @@ fn run(
             }
         }
     }
-    wal.sync()?;
+    wal.close()?;
     Ok(())
 }
