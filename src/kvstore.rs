@@ -1,8 +1,8 @@
 //! `KvStore`: the replicated map, and the task that applies what raft commits to it.
 //!
 //! Writes `propose_tx` (each PUT as an encoded [`Put`] with its own [`Proposal`]), reads
-//! `commit_rx` ([`Apply`] batches from the raft task), and wakes the PUT that waits on each
-//! applied request id. The applied index is published on a `watch` so that reads can wait for
+//! `commit_rx` ([`Apply`] batches from the raft task, and the proposals it dropped), and wakes
+//! the PUT that waits on each applied or dropped request id. The applied index is published on a `watch` so that reads can wait for
 //! it. Entries and snapshots use bincode 1.3's layout for these types (little-endian u64
 //! lengths), written by hand: serde hands a `Vec<u8>` to bincode one byte at a time, which made
 //! encoding a snapshot and decoding every entry the most expensive part of the hot path.
@@ -232,14 +232,20 @@ pub enum Apply {
     },
     /// Replace the whole map with a snapshot taken at `index`.
     Snapshot { index: u64, data: Bytes },
+    /// Proposals raft refused (say, no leader known): they were never appended anywhere.
+    Dropped { ids: Vec<u64>, reason: String },
 }
 
-/// One proposal for the raft task (the counterpart of raftexample's `proposeC`). `done` says
-/// whether raft accepted it, or why not; acceptance is not commitment.
+/// One proposal for the raft task (the counterpart of raftexample's `proposeC`). Raft reports
+/// only a refusal, through [`Apply::Dropped`] with `id`: a PUT then waits on one channel, and
+/// its task is woken once, when its entry applies.
 #[derive(Debug)]
 pub struct Proposal {
+    /// The request id of the PUT in `data`, under which its waiter is registered.
+    pub id: u64,
+    /// An encoded [`Put`]: self-delimiting, as raft packs the proposals of a batch into one
+    /// entry back to back.
     pub data: Vec<u8>,
-    pub done: oneshot::Sender<Result<(), String>>,
 }
 
 /// The replicated command: a PUT tagged with an id unique to the proposing node's run, so that
@@ -345,8 +351,9 @@ pub struct KvStore {
     map: RwLock<Map>,
     /// Highest raft index whose effects are in `map`.
     applied_tx: watch::Sender<u64>,
-    /// PUTs proposed by this node that wait for their entry to be applied.
-    waiters: Mutex<HashMap<u64, oneshot::Sender<()>>>,
+    /// PUTs proposed by this node that wait for their entry to be applied (`Ok`), or learn
+    /// that raft dropped it (`Err` with the reason).
+    waiters: Mutex<HashMap<u64, oneshot::Sender<Result<(), String>>>>,
     propose_tx: mpsc::Sender<Proposal>,
     ids: IdGen,
     logger: slog::Logger,
@@ -428,7 +435,7 @@ impl KvStore {
             .lock()
             .expect("waiters lock")
             .insert(id, applied_tx);
-        let res = self.propose_and_wait(data, applied_rx, deadline).await;
+        let res = self.propose_and_wait(id, data, applied_rx, deadline).await;
         if res.is_err() {
             self.waiters.lock().expect("waiters lock").remove(&id);
         }
@@ -437,38 +444,25 @@ impl KvStore {
 
     async fn propose_and_wait(
         &self,
+        id: u64,
         data: Vec<u8>,
-        applied_rx: oneshot::Receiver<()>,
+        applied_rx: oneshot::Receiver<Result<(), String>>,
         deadline: tokio::time::Instant,
     ) -> Result<(), PutError> {
-        let (done_tx, done_rx) = oneshot::channel();
-        let proposal = Proposal {
-            data,
-            done: done_tx,
-        };
-        let accepted = tokio::time::timeout_at(deadline, async {
+        let outcome = tokio::time::timeout_at(deadline, async {
             self.propose_tx
-                .send(proposal)
+                .send(Proposal { id, data })
                 .await
                 .map_err(|_| PutError::NotApplied("node is shutting down".into()))?;
-            match done_rx.await {
+            match applied_rx.await {
                 Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(PutError::NotApplied(e)),
-                Err(_) => Err(PutError::NotApplied("node is shutting down".into())),
+                Ok(Err(reason)) => Err(PutError::NotApplied(reason)),
+                Err(_) => Err(PutError::Unknown("node stopped before applying".into())),
             }
         })
         .await;
-        match accepted {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(e),
-            // Still queued for raft when time ran out: the raft task may yet propose it.
-            Err(_) => return Err(PutError::Unknown("not proposed within the timeout".into())),
-        }
-        match tokio::time::timeout_at(deadline, applied_rx).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(PutError::Unknown("node stopped before applying".into())),
-            Err(_) => Err(PutError::Unknown("not applied within the timeout".into())),
-        }
+        // Past the deadline the proposal may still be queued for raft, or in its log.
+        outcome.unwrap_or_else(|_| Err(PutError::Unknown("not applied within the timeout".into())))
     }
 
     /// Applies one batch from the raft task.
@@ -503,12 +497,20 @@ impl KvStore {
                 let mut waiters = self.waiters.lock().expect("waiters lock");
                 for id in woken {
                     if let Some(w) = waiters.remove(&id) {
-                        let _ = w.send(());
+                        let _ = w.send(Ok(()));
                     }
                 }
                 drop(waiters);
                 // The raft task may have stopped waiting (it only waits before a snapshot).
                 let _ = applied.send(());
+            }
+            Apply::Dropped { ids, reason } => {
+                let mut waiters = self.waiters.lock().expect("waiters lock");
+                for id in ids {
+                    if let Some(w) = waiters.remove(&id) {
+                        let _ = w.send(Err(reason.clone()));
+                    }
+                }
             }
             Apply::Snapshot { index, data } => match decode(&data) {
                 Ok(map) => {
@@ -708,7 +710,8 @@ mod tests {
         let put =
             tokio::spawn(async move { kv2.put(b"/k".to_vec(), b"v".to_vec(), deadline).await });
         let p = rx.recv().await.unwrap();
-        p.done.send(Ok(())).unwrap();
+        assert_eq!(Put::decode(&p.data).unwrap().id, p.id);
+        tokio::task::yield_now().await;
         assert!(!put.is_finished());
         let (applied_tx, applied_rx) = oneshot::channel();
         kv.apply(Apply::Entries {
@@ -731,9 +734,10 @@ mod tests {
         let put =
             tokio::spawn(async move { kv2.put(b"/k".to_vec(), b"v".to_vec(), deadline).await });
         let p = rx.recv().await.unwrap();
-        p.done
-            .send(Err(raft::Error::ProposalDropped.to_string()))
-            .unwrap();
+        kv.apply(Apply::Dropped {
+            ids: vec![p.id],
+            reason: raft::Error::ProposalDropped.to_string(),
+        });
         assert!(matches!(put.await.unwrap(), Err(PutError::NotApplied(_))));
         assert!(kv.waiters.lock().unwrap().is_empty());
     }

@@ -164,9 +164,9 @@ pub enum Exit {
 /// Encoded PUTs packed into one entry; a batch larger than this continues in the next one.
 const ENTRY_BYTES: usize = 256 << 10;
 
-/// Proposals waiting to be proposed as one batch, and the local proposers waiting for raft's
-/// verdict on them (entries forwarded by followers have none: their proposer waits on its own
-/// node for the entry to apply). Local PUTs are packed back to back into as few entries as
+/// Proposals waiting to be proposed as one batch, and the ids of the local ones, reported to
+/// the kvstore if raft drops them (entries forwarded by followers have none: their proposer
+/// waits on its own node for the entry to apply). Local PUTs are packed back to back into as few entries as
 /// [`ENTRY_BYTES`] allows (see [`crate::kvstore::decode_puts`]): raft's bookkeeping, the log
 /// kept in memory and the WAL all cost per entry.
 #[derive(Default)]
@@ -177,7 +177,7 @@ struct Held {
     packing: Vec<u8>,
     /// Local proposals and forwarded entries held, which bounds the batch.
     count: usize,
-    dones: Vec<oneshot::Sender<Result<(), String>>>,
+    ids: Vec<u64>,
 }
 
 impl Held {
@@ -190,7 +190,7 @@ impl Held {
         } else {
             self.packing.extend_from_slice(&p.data);
         }
-        self.dones.push(p.done);
+        self.ids.push(p.id);
         self.count += 1;
     }
 
@@ -248,6 +248,8 @@ pub struct RaftNode {
     snapshot_persisting: Option<u64>,
     /// Proposals not yet handed to raft (see [`Self::may_propose`]).
     held: Held,
+    /// Ids of local proposals raft dropped, and why, not yet reported to the kvstore.
+    dropped: Option<(Vec<u64>, String)>,
     /// Number of the last Ready handed to the writer, and of the last it reported durable.
     submitted: u64,
     persisted: u64,
@@ -506,6 +508,7 @@ impl RaftNode {
             snapshot_done_rx: Some(snapshot_done_rx),
             snapshot_persisting: None,
             held: Held::default(),
+            dropped: None,
             submitted: 0,
             persisted: 0,
             status: shared.status.clone(),
@@ -570,6 +573,7 @@ impl RaftNode {
             self.drain(&mut inp, &mut persisted_rx)?;
             if self.may_propose() {
                 self.propose();
+                self.report_dropped().await?;
             }
             self.reads.flush(&mut self.node);
             while self.node.has_ready() && self.exit.is_none() {
@@ -709,15 +713,26 @@ impl RaftNode {
             return;
         }
         self.held.seal();
-        let Held { entries, dones, .. } = std::mem::take(&mut self.held);
+        let Held { entries, ids, .. } = std::mem::take(&mut self.held);
         let mut m = Message::default();
         m.set_msg_type(MessageType::MsgPropose);
         m.from = self.id;
         m.set_entries(entries.into());
-        let res = self.node.step(m).map_err(|e| e.to_string());
-        crate::metrics::proposals(res.is_ok(), dones.len());
-        for done in dones {
-            let _ = done.send(res.clone());
+        let res = self.node.step(m);
+        crate::metrics::proposals(res.is_ok(), ids.len());
+        if let Err(e) = res {
+            // Reported to the kvstore by `report_dropped`.
+            let (dropped, reason) = self.dropped.get_or_insert_with(Default::default);
+            dropped.extend(ids);
+            *reason = e.to_string();
+        }
+    }
+
+    /// Tells the kvstore which of its proposals raft dropped, so their PUTs fail at once.
+    async fn report_dropped(&mut self) -> Result<()> {
+        match self.dropped.take() {
+            Some((ids, reason)) => self.send_apply(Apply::Dropped { ids, reason }).await,
+            None => Ok(()),
         }
     }
 

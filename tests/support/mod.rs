@@ -122,17 +122,20 @@ impl RawTestNode {
         }
     }
 
-    /// Proposes `data`; returns whether raft accepted it.
-    pub async fn propose(&self, data: &[u8]) -> bool {
-        let (done, rx) = oneshot::channel();
+    /// True once this node knows a leader (before that, raft drops proposals).
+    pub fn knows_leader(&self) -> bool {
+        self.handle.status.lock().expect("status lock").leader != 0
+    }
+
+    /// Proposes `data`. Raft reports only a drop, as `Apply::Dropped` on `commit_rx`.
+    pub async fn propose(&self, id: u64, data: &[u8]) {
         let tx = self.propose_tx.as_ref().expect("proposer still open");
         tx.send(Proposal {
+            id,
             data: data.to_vec(),
-            done,
         })
         .await
         .expect("raft running");
-        matches!(rx.await, Ok(Ok(())))
     }
 
     /// Next batch of committed entries, acknowledging snapshots and empty batches on the way.
@@ -150,7 +153,7 @@ impl RawTestNode {
                     data,
                     applied,
                 } => return (index, data.iter().map(|b| b.to_vec()).collect(), applied),
-                Apply::Snapshot { .. } => {}
+                Apply::Snapshot { .. } | Apply::Dropped { .. } => {}
             }
         }
     }
