@@ -106,10 +106,10 @@ async fn handle(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let deadline = Instant::now() + st.timeout;
-    let key = uri.path().as_bytes().to_vec();
+    let key = uri.path().as_bytes();
     match method {
         Method::PUT => {
-            st.kv.put(key, body.to_vec(), deadline).await?;
+            st.kv.put(key, &body, deadline).await?;
             Ok(StatusCode::NO_CONTENT.into_response())
         }
         Method::GET => {
@@ -119,7 +119,7 @@ async fn handle(
             if !serializable {
                 wait_linearizable(&st, deadline).await?;
             }
-            match st.kv.lookup(&key) {
+            match st.kv.lookup(key) {
                 Some(v) => Ok(v.into_response()),
                 None => Err(ApiError::NotFound("key not found".into())),
             }

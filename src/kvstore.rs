@@ -419,17 +419,12 @@ impl KvStore {
     /// Proposes `key = value` and waits until this node has applied it, or `deadline`.
     pub async fn put(
         &self,
-        key: Vec<u8>,
-        value: Vec<u8>,
+        key: &[u8],
+        value: &[u8],
         deadline: tokio::time::Instant,
     ) -> Result<(), PutError> {
         let id = self.next_id();
-        let data = Put {
-            id,
-            key: &key,
-            value: &value,
-        }
-        .encode();
+        let data = Put { id, key, value }.encode();
         let (applied_tx, applied_rx) = oneshot::channel();
         self.waiters
             .lock()
@@ -707,8 +702,7 @@ mod tests {
         let (kv, mut rx) = store();
         let kv2 = kv.clone();
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
-        let put =
-            tokio::spawn(async move { kv2.put(b"/k".to_vec(), b"v".to_vec(), deadline).await });
+        let put = tokio::spawn(async move { kv2.put(b"/k", b"v", deadline).await });
         let p = rx.recv().await.unwrap();
         assert_eq!(Put::decode(&p.data).unwrap().id, p.id);
         tokio::task::yield_now().await;
@@ -731,8 +725,7 @@ mod tests {
         let (kv, mut rx) = store();
         let kv2 = kv.clone();
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
-        let put =
-            tokio::spawn(async move { kv2.put(b"/k".to_vec(), b"v".to_vec(), deadline).await });
+        let put = tokio::spawn(async move { kv2.put(b"/k", b"v", deadline).await });
         let p = rx.recv().await.unwrap();
         kv.apply(Apply::Dropped {
             ids: vec![p.id],
