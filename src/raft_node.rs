@@ -161,14 +161,23 @@ pub enum Exit {
     Removed,
 }
 
+/// The writes an entry counts for as raftexample counts entries: its PUTs, or 1 for any other
+/// entry (a membership change, a new leader's no-op).
+fn entry_writes(e: &Entry) -> u64 {
+    match e.get_entry_type() {
+        EntryType::EntryNormal if !e.data.is_empty() => crate::kvstore::count_writes(&e.data),
+        _ => 1,
+    }
+}
+
 /// Encoded PUTs packed into one entry; a batch larger than this continues in the next one.
 const ENTRY_BYTES: usize = 256 << 10;
 
 /// Proposals waiting to be proposed as one batch, and the ids of the local ones, reported to
 /// the kvstore if raft drops them (entries forwarded by followers have none: their proposer
-/// waits on its own node for the entry to apply). Local PUTs are packed back to back into as few entries as
-/// [`ENTRY_BYTES`] allows (see [`crate::kvstore::decode_puts`]): raft's bookkeeping, the log
-/// kept in memory and the WAL all cost per entry.
+/// waits on its own node for the entry to apply). Local PUTs are packed back to back into as
+/// few entries as [`ENTRY_BYTES`] allows (see [`crate::kvstore::decode_puts`]): raft's
+/// bookkeeping, the log kept in memory and the WAL all cost per entry.
 #[derive(Default)]
 struct Held {
     /// Entries ready to propose: packed ones and those followers forwarded (packed there).
@@ -968,12 +977,7 @@ impl RaftNode {
                 continue;
             }
             self.log_bytes += e.data.len() as u64;
-            self.writes += match e.get_entry_type() {
-                EntryType::EntryNormal if !e.data.is_empty() => {
-                    crate::kvstore::count_writes(&e.data)
-                }
-                _ => 1,
-            };
+            self.writes += entry_writes(&e);
             match e.get_entry_type() {
                 // An empty entry is a new leader's no-op.
                 EntryType::EntryNormal if !e.data.is_empty() => data.push(e.data),
@@ -1145,12 +1149,7 @@ impl RaftNode {
         let compact = self
             .node
             .store()
-            .catchup_start(index, self.catchup_entries, |e| match e.get_entry_type() {
-                EntryType::EntryNormal if !e.data.is_empty() => {
-                    crate::kvstore::count_writes(&e.data)
-                }
-                _ => 1,
-            });
+            .catchup_start(index, self.catchup_entries, entry_writes);
         if compact > 0 {
             self.node.mut_store().compact(compact)?;
         }
