@@ -2,8 +2,8 @@
 //!
 //! Writes `propose_tx` (each PUT as an encoded [`Put`] with its own [`Proposal`]), reads
 //! `commit_rx` ([`Apply`] batches from the raft task, and the proposals it dropped), and wakes
-//! the PUT that waits on each applied or dropped request id. The applied index is published on a `watch` so that reads can wait for
-//! it. Entries and snapshots use bincode 1.3's layout for these types (little-endian u64
+//! the PUT that waits on each applied or dropped request id. The applied index is published on
+//! a `watch` so that reads can wait for it. Entries and snapshots use bincode 1.3's layout for these types (little-endian u64
 //! lengths), written by hand: serde hands a `Vec<u8>` to bincode one byte at a time, which made
 //! encoding a snapshot and decoding every entry the most expensive part of the hot path.
 
@@ -489,24 +489,11 @@ impl KvStore {
                         }
                     }
                 }
-                let mut waiters = self.waiters.lock().expect("waiters lock");
-                for id in woken {
-                    if let Some(w) = waiters.remove(&id) {
-                        let _ = w.send(Ok(()));
-                    }
-                }
-                drop(waiters);
+                self.wake(woken, Ok(()));
                 // The raft task may have stopped waiting (it only waits before a snapshot).
                 let _ = applied.send(());
             }
-            Apply::Dropped { ids, reason } => {
-                let mut waiters = self.waiters.lock().expect("waiters lock");
-                for id in ids {
-                    if let Some(w) = waiters.remove(&id) {
-                        let _ = w.send(Err(reason.clone()));
-                    }
-                }
-            }
+            Apply::Dropped { ids, reason } => self.wake(ids, Err(reason)),
             Apply::Snapshot { index, data } => match decode(&data) {
                 Ok(map) => {
                     slog::info!(self.logger, "loaded snapshot"; "index" => index, "keys" => map.len());
@@ -521,6 +508,16 @@ impl KvStore {
                     std::process::abort();
                 }
             },
+        }
+    }
+
+    /// Tells the PUTs waiting on `ids` (those this node proposed) how they ended.
+    fn wake(&self, ids: Vec<u64>, outcome: Result<(), String>) {
+        let mut waiters = self.waiters.lock().expect("waiters lock");
+        for id in ids {
+            if let Some(w) = waiters.remove(&id) {
+                let _ = w.send(outcome.clone());
+            }
         }
     }
 

@@ -257,8 +257,6 @@ pub struct RaftNode {
     snapshot_persisting: Option<u64>,
     /// Proposals not yet handed to raft (see [`Self::may_propose`]).
     held: Held,
-    /// Ids of local proposals raft dropped, and why, not yet reported to the kvstore.
-    dropped: Option<(Vec<u64>, String)>,
     /// Number of the last Ready handed to the writer, and of the last it reported durable.
     submitted: u64,
     persisted: u64,
@@ -517,7 +515,6 @@ impl RaftNode {
             snapshot_done_rx: Some(snapshot_done_rx),
             snapshot_persisting: None,
             held: Held::default(),
-            dropped: None,
             submitted: 0,
             persisted: 0,
             status: shared.status.clone(),
@@ -581,8 +578,10 @@ impl RaftNode {
             // fsync) covers it all and no input starves another.
             self.drain(&mut inp, &mut persisted_rx)?;
             if self.may_propose() {
-                self.propose();
-                self.report_dropped().await?;
+                if let Some(dropped) = self.propose() {
+                    // Their PUTs fail at once instead of waiting out their deadline.
+                    self.send_apply(dropped).await?;
+                }
             }
             self.reads.flush(&mut self.node);
             while self.node.has_ready() && self.exit.is_none() {
@@ -716,10 +715,11 @@ impl RaftNode {
 
     /// Proposes everything held as one `MsgPropose` (what `RawNode::propose` builds, with many
     /// entries instead of one), so raft appends and replicates them together and a follower
-    /// forwards them to the leader in one message.
-    fn propose(&mut self) {
+    /// forwards them to the leader in one message. Returns what to tell the kvstore if raft
+    /// dropped them.
+    fn propose(&mut self) -> Option<Apply> {
         if self.held.count == 0 {
-            return;
+            return None;
         }
         self.held.seal();
         let Held { entries, ids, .. } = std::mem::take(&mut self.held);
@@ -729,20 +729,10 @@ impl RaftNode {
         m.set_entries(entries.into());
         let res = self.node.step(m);
         crate::metrics::proposals(res.is_ok(), ids.len());
-        if let Err(e) = res {
-            // Reported to the kvstore by `report_dropped`.
-            let (dropped, reason) = self.dropped.get_or_insert_with(Default::default);
-            dropped.extend(ids);
-            *reason = e.to_string();
-        }
-    }
-
-    /// Tells the kvstore which of its proposals raft dropped, so their PUTs fail at once.
-    async fn report_dropped(&mut self) -> Result<()> {
-        match self.dropped.take() {
-            Some((ids, reason)) => self.send_apply(Apply::Dropped { ids, reason }).await,
-            None => Ok(()),
-        }
+        res.err().map(|e| Apply::Dropped {
+            ids,
+            reason: e.to_string(),
+        })
     }
 
     /// True if a conf change may still be in flight: raft's own check (leader only), one of

@@ -232,18 +232,15 @@ impl Wal {
                 })?;
             }
             info!(logger, "replayed wal segment"; "file" => path.display(), "records" => records);
-            match s.torn {
-                Some(torn) if torn.zeros => {
+            if let Some(torn) = s.torn {
+                if torn.zeros {
                     info!(logger, "trimming unused zeros after the last wal record";
                         "file" => path.display(), "offset" => torn.offset);
-                    segment::truncate(path, s.valid_len)?;
-                }
-                Some(torn) => {
+                } else {
                     warn!(logger, "truncating torn wal tail";
                         "file" => path.display(), "offset" => torn.offset, "reason" => torn.reason);
-                    segment::truncate(path, s.valid_len)?;
                 }
-                None => {}
+                segment::truncate(path, s.valid_len)?;
             }
             prev_crc = Some(s.end_crc);
         }
