@@ -134,6 +134,10 @@ pub struct Config {
 
     #[command(subcommand)]
     pub command: Option<Command>,
+
+    /// The disk the WAL and snapshots are on: the OS, or a simulated one in tests.
+    #[arg(skip)]
+    pub disk: crate::vfs::Disk,
 }
 
 /// Operator tools; without one, the daemon runs.

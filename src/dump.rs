@@ -21,10 +21,10 @@ pub fn wal_dump(data_dir: &Path, id: u64, out: &mut impl Write) -> Result<()> {
         context: "cannot write the dump".into(),
         source: e,
     };
-    if !wal::Wal::exists(&wal_dir) {
+    if !wal::Wal::exists(&Default::default(), &wal_dir) {
         return Err(Error::Config(format!("no WAL in {}", wal_dir.display())));
     }
-    let recs = wal::read_dir_records(&wal_dir)?;
+    let recs = wal::read_dir_records(&Default::default(), &wal_dir)?;
     let mut hs = None;
     let mut markers = Vec::new();
     let mut entries = 0u64;

@@ -33,6 +33,7 @@ pub mod snap;
 pub mod storage;
 pub mod tls;
 pub mod transport;
+pub mod vfs;
 pub mod wal;
 
 use std::collections::HashSet;

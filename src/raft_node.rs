@@ -229,7 +229,7 @@ pub struct RaftNode {
     /// Taken by `run`, which hands it to the WAL writer thread.
     wal: Option<Wal>,
     writer: Option<Writer>,
-    snap_dir: std::path::PathBuf,
+    snapshotter: Snapshotter,
     transport: Transport,
     get_snapshot: GetSnapshot,
     commit_tx: mpsc::Sender<Apply>,
@@ -345,17 +345,18 @@ impl RaftNode {
     ) -> Result<RaftNode> {
         let peers = cfg.peers()?;
         let started = Instant::now();
-        let snapshotter = Snapshotter::new(&cfg.snap_dir(), logger)?;
-        let old_wal = Wal::exists(&cfg.wal_dir());
+        let snapshotter = Snapshotter::new(&cfg.disk, &cfg.snap_dir(), logger)?;
+        let old_wal = Wal::exists(&cfg.disk, &cfg.wal_dir());
         let (mut wal, rec) = Wal::open(
             &cfg.wal_dir(),
             WalOptions {
                 segment_size: cfg.wal_segment_size,
                 fail_write_after: cfg.wal_fail_after_bytes,
+                disk: cfg.disk.clone(),
             },
             logger,
         )?;
-        let mut storage = RaftStorage::default();
+        let mut storage = RaftStorage::new(cfg.disk.clone());
         let mut members: BTreeMap<u64, String> =
             peers.iter().map(|(id, u)| (*id, u.url.clone())).collect();
         let mut removed = HashSet::new();
@@ -495,7 +496,7 @@ impl RaftNode {
             node,
             wal: Some(wal),
             writer: None,
-            snap_dir: cfg.snap_dir(),
+            snapshotter,
             transport,
             get_snapshot,
             commit_tx: shared.commit_tx.clone(),
@@ -533,12 +534,12 @@ impl RaftNode {
         let (persisted_tx, mut persisted_rx) = mpsc::unbounded_channel();
         let wal = self.wal.take().expect("run is called once");
         self.writer = Some(
-            Writer::start(wal, self.snap_dir.clone(), persisted_tx, &self.logger).map_err(|e| {
-                Error::Io {
+            Writer::start(wal, self.snapshotter.clone(), persisted_tx, &self.logger).map_err(
+                |e| Error::Io {
                     context: "cannot start the WAL writer thread".into(),
                     source: e,
-                }
-            })?,
+                },
+            )?,
         );
         let mut snapshot_done_rx = self.snapshot_done_rx.take().expect("run is called once");
         let mut ticker = tokio::time::interval(TICK);
@@ -1076,7 +1077,7 @@ impl RaftNode {
             .copied()
             .collect();
         let cs = self.node.store().conf_state().clone();
-        let snap_dir = self.snap_dir.clone();
+        let snapshotter = self.snapshotter.clone();
         let done_tx = self.snapshot_done_tx.clone();
         let logger = self.logger.clone();
         let started = Instant::now();
@@ -1092,12 +1093,10 @@ impl RaftNode {
                     ..Default::default()
                 };
                 meta.set_conf_state(cs);
-                let res = Snapshotter::new(&snap_dir, &logger)
-                    .and_then(|s| {
-                        s.save_with(&meta, data_len, |w| {
-                            w.write_all(&header)?;
-                            source.write_to(w)
-                        })
+                let res = snapshotter
+                    .save_with(&meta, data_len, |w| {
+                        w.write_all(&header)?;
+                        source.write_to(w)
                     })
                     .map(|path| Written {
                         meta,

@@ -8,13 +8,14 @@
 //! always complete. A file that fails its checks on load is renamed to
 //! `<name>.broken` and kept for inspection.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Seek, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use protobuf::Message;
 use raft::prelude::{Snapshot, SnapshotMetadata};
 use slog::{info, o, warn, Logger};
+
+use crate::vfs::{Appender, Disk};
 
 const EXT: &str = ".snap";
 const TMP_EXT: &str = ".snap.tmp";
@@ -43,30 +44,23 @@ impl Error {
     }
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Snapshotter {
     dir: PathBuf,
+    disk: Disk,
     logger: Logger,
 }
 
 impl Snapshotter {
     /// Uses `dir`, creating it (mode 0750) if missing.
-    pub fn new(dir: &Path, logger: &Logger) -> Result<Self, Error> {
-        if !dir.is_dir() {
-            let mut b = fs::DirBuilder::new();
-            b.recursive(true);
-            #[cfg(unix)]
-            std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o750);
-            b.create(dir).map_err(|e| Error::io(dir, e))?;
-            // Without this a crash could lose the directory, and with it
-            // snapshots the WAL has already released entries for.
-            match dir.parent() {
-                Some(p) if !p.as_os_str().is_empty() => sync_dir(p)?,
-                _ => sync_dir(Path::new("."))?,
-            }
-        }
+    pub fn new(disk: &Disk, dir: &Path, logger: &Logger) -> Result<Self, Error> {
+        // Durably: a crash must not lose the directory, and with it snapshots the WAL has
+        // already released entries for.
+        disk.create_dir_durable(dir)
+            .map_err(|e| Error::io(dir, e))?;
         Ok(Snapshotter {
             dir: dir.to_path_buf(),
+            disk: disk.clone(),
             logger: logger.new(o!("component" => "snap")),
         })
     }
@@ -97,19 +91,15 @@ impl Snapshotter {
         let (head, tail) = encode_frame(meta, data_len)?;
         let tmp = self.dir.join(format!("{name}.tmp"));
         let write_tmp = || -> io::Result<()> {
-            let f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&tmp)?;
+            let file = Appender {
+                file: self.disk.create(&tmp)?,
+                offset: 0,
+            };
             // The CRC comes first in the file but is known last.
             let mut w = CrcWriter {
                 inner: io::BufWriter::with_capacity(
                     SYNC_EVERY as usize,
-                    SyncEvery {
-                        file: f,
-                        unsynced: 0,
-                    },
+                    SyncEvery { file, unsynced: 0 },
                 ),
                 crc: 0,
                 written: 0,
@@ -125,18 +115,19 @@ impl Snapshotter {
             }
             w.write_all(&tail)?;
             let crc = w.crc;
-            let mut f = w.inner.into_inner().map_err(|e| e.into_error())?.file;
-            f.seek(io::SeekFrom::Start(0))?;
-            f.write_all(&crc.to_le_bytes())?;
+            let mut f = w.inner.into_inner().map_err(|e| e.into_error())?.file.file;
+            f.write_at(&crc.to_le_bytes(), 0)?;
             f.sync_all()
         };
         if let Err(e) = write_tmp() {
             // A partial file must not be mistaken for a snapshot later.
-            let _ = fs::remove_file(&tmp);
+            let _ = self.disk.remove(&tmp);
             return Err(Error::io(&tmp, e));
         }
-        fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
-        sync_dir(&self.dir)?;
+        self.disk
+            .rename(&tmp, &path)
+            .map_err(|e| Error::io(&path, e))?;
+        self.sync_dir()?;
         info!(self.logger, "saved snapshot";
             "term" => meta.term, "index" => meta.index,
             "bytes" => 4 + head.len() as u64 + data_len + tail.len() as u64);
@@ -160,7 +151,7 @@ impl Snapshotter {
             if !wal_snaps.contains(&(term, index)) {
                 continue;
             }
-            let bytes = fs::read(&path).map_err(|e| Error::io(&path, e))?;
+            let bytes = self.disk.read(&path).map_err(|e| Error::io(&path, e))?;
             match decode(&bytes, term, index) {
                 Ok(snap) => {
                     info!(self.logger, "loaded snapshot";
@@ -182,21 +173,16 @@ impl Snapshotter {
             .skip(keep)
             .map(|(_, _, p)| p)
             .collect();
-        for ent in fs::read_dir(&self.dir).map_err(|e| Error::io(&self.dir, e))? {
-            let ent = ent.map_err(|e| Error::io(&self.dir, e))?;
-            if ent
-                .file_name()
-                .to_str()
-                .is_some_and(|n| n.ends_with(TMP_EXT))
-            {
-                doomed.push(ent.path());
+        for name in self.names()? {
+            if name.ends_with(TMP_EXT) {
+                doomed.push(self.dir.join(name));
             }
         }
         for path in &doomed {
-            fs::remove_file(path).map_err(|e| Error::io(path, e))?;
+            self.disk.remove(path).map_err(|e| Error::io(path, e))?;
         }
         if !doomed.is_empty() {
-            sync_dir(&self.dir)?;
+            self.sync_dir()?;
             info!(self.logger, "purged snapshot files"; "removed" => doomed.len(), "kept" => keep);
         }
         Ok(doomed.len())
@@ -210,10 +196,9 @@ impl Snapshotter {
     /// `(term, index, path)` of every `.snap` file, newest first.
     fn list(&self) -> Result<Vec<(u64, u64, PathBuf)>, Error> {
         let mut snaps = Vec::new();
-        for ent in fs::read_dir(&self.dir).map_err(|e| Error::io(&self.dir, e))? {
-            let ent = ent.map_err(|e| Error::io(&self.dir, e))?;
-            if let Some((term, index)) = ent.file_name().to_str().and_then(parse_name) {
-                snaps.push((term, index, ent.path()));
+        for name in self.names()? {
+            if let Some((term, index)) = parse_name(&name) {
+                snaps.push((term, index, self.dir.join(name)));
             }
         }
         snaps.sort_by_key(|&(term, index, _)| std::cmp::Reverse((term, index)));
@@ -225,8 +210,22 @@ impl Snapshotter {
         broken.push(BROKEN_EXT);
         warn!(self.logger, "snapshot file is unusable; renaming it";
             "file" => path.display(), "reason" => reason, "to" => Path::new(&broken).display());
-        fs::rename(path, &broken).map_err(|e| Error::io(path, e))?;
-        sync_dir(&self.dir)
+        self.disk
+            .rename(path, Path::new(&broken))
+            .map_err(|e| Error::io(path, e))?;
+        self.sync_dir()
+    }
+
+    fn names(&self) -> Result<Vec<String>, Error> {
+        self.disk
+            .list(&self.dir)
+            .map_err(|e| Error::io(&self.dir, e))
+    }
+
+    fn sync_dir(&self) -> Result<(), Error> {
+        self.disk
+            .sync_dir(&self.dir)
+            .map_err(|e| Error::io(&self.dir, e))
     }
 }
 
@@ -271,12 +270,6 @@ fn decode(bytes: &[u8], term: u64, index: u64) -> Result<Snapshot, String> {
     Ok(snap)
 }
 
-fn sync_dir(dir: &Path) -> Result<(), Error> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io(dir, e))
-}
-
 /// What surrounds the data in the file's protobuf `Snapshot`: field 1's tag and length before
 /// it, the metadata field after it. Together with the data, the same bytes as
 /// `write_to_bytes()`.
@@ -310,7 +303,7 @@ const SYNC_EVERY: u64 = 1 << 20;
 /// WAL fsync waits for one chunk at most: in A/B runs of the PUT benchmark, p99 dropped from
 /// 19-27 ms to 11-13 ms.
 struct SyncEvery {
-    file: fs::File,
+    file: Appender,
     unsynced: u64,
 }
 
@@ -319,7 +312,7 @@ impl Write for SyncEvery {
         let n = self.file.write(buf)?;
         self.unsynced += n as u64;
         if self.unsynced >= SYNC_EVERY {
-            self.file.sync_data()?;
+            self.file.file.sync_data()?;
             self.unsynced = 0;
         }
         Ok(n)
@@ -351,8 +344,8 @@ impl<W: Write> Write for CrcWriter<W> {
 }
 
 /// Reads the snapshot file at `path`, named after `(term, index)`, and checks it.
-pub fn read(path: &Path, term: u64, index: u64) -> Result<Snapshot, Error> {
-    let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+pub fn read(disk: &Disk, path: &Path, term: u64, index: u64) -> Result<Snapshot, Error> {
+    let bytes = disk.read(path).map_err(|e| Error::io(path, e))?;
     decode(&bytes, term, index).map_err(|reason| Error::Corrupt {
         path: path.to_path_buf(),
         reason,
@@ -363,6 +356,7 @@ pub fn read(path: &Path, term: u64, index: u64) -> Result<Snapshot, Error> {
 mod tests {
     use super::*;
     use raft::prelude::ConfState;
+    use std::fs;
     use tempfile::TempDir;
 
     fn logger() -> Logger {
@@ -401,7 +395,7 @@ mod tests {
     fn new_creates_the_dir() {
         let tmp = TempDir::new().unwrap();
         let dir = tmp.path().join("x/snap");
-        Snapshotter::new(&dir, &logger()).unwrap();
+        Snapshotter::new(&Disk::default(), &dir, &logger()).unwrap();
         assert!(dir.is_dir());
         #[cfg(unix)]
         {
@@ -414,7 +408,7 @@ mod tests {
     #[test]
     fn save_and_load_round_trip() {
         let tmp = TempDir::new().unwrap();
-        let s = Snapshotter::new(tmp.path(), &logger()).unwrap();
+        let s = Snapshotter::new(&Disk::default(), tmp.path(), &logger()).unwrap();
         s.save(&snap(2, 0x1f)).unwrap();
         assert_eq!(
             files(tmp.path()),
@@ -429,7 +423,7 @@ mod tests {
     #[test]
     fn streamed_file_is_the_protobuf_encoding() {
         let tmp = TempDir::new().unwrap();
-        let s = Snapshotter::new(tmp.path(), &logger()).unwrap();
+        let s = Snapshotter::new(&Disk::default(), tmp.path(), &logger()).unwrap();
         let mut big = snap(3, 9);
         big.data = vec![7; 300_000].into();
         let mut no_data = snap(4, 10);
@@ -441,7 +435,10 @@ mod tests {
             want.extend_from_slice(&payload);
             assert_eq!(fs::read(&path).unwrap(), want);
             let meta = snap.get_metadata();
-            assert_eq!(read(&path, meta.term, meta.index).unwrap(), snap);
+            assert_eq!(
+                read(&Disk::default(), &path, meta.term, meta.index).unwrap(),
+                snap
+            );
         }
         let short = s.save_with(snap(5, 11).get_metadata(), 10, |w| w.write_all(b"abc"));
         assert!(short.is_err());
@@ -453,7 +450,7 @@ mod tests {
     #[test]
     fn empty_snapshot_is_not_written() {
         let tmp = TempDir::new().unwrap();
-        let s = Snapshotter::new(tmp.path(), &logger()).unwrap();
+        let s = Snapshotter::new(&Disk::default(), tmp.path(), &logger()).unwrap();
         s.save(&Snapshot::default()).unwrap();
         assert!(files(tmp.path()).is_empty());
     }
@@ -461,7 +458,7 @@ mod tests {
     #[test]
     fn newest_matching_the_wal_is_chosen() {
         let tmp = TempDir::new().unwrap();
-        let s = Snapshotter::new(tmp.path(), &logger()).unwrap();
+        let s = Snapshotter::new(&Disk::default(), tmp.path(), &logger()).unwrap();
         for (t, i) in [(1, 10), (1, 20), (2, 30)] {
             s.save(&snap(t, i)).unwrap();
         }
@@ -492,7 +489,7 @@ mod tests {
         ];
         for (what, f) in damage {
             let tmp = TempDir::new().unwrap();
-            let s = Snapshotter::new(tmp.path(), &logger()).unwrap();
+            let s = Snapshotter::new(&Disk::default(), tmp.path(), &logger()).unwrap();
             s.save(&snap(1, 10)).unwrap();
             s.save(&snap(2, 30)).unwrap();
             let newest = tmp.path().join(file_name(2, 30));
@@ -516,7 +513,7 @@ mod tests {
     #[test]
     fn purge_keeps_the_newest_n() {
         let tmp = TempDir::new().unwrap();
-        let s = Snapshotter::new(tmp.path(), &logger()).unwrap();
+        let s = Snapshotter::new(&Disk::default(), tmp.path(), &logger()).unwrap();
         for i in 1..=5 {
             s.save(&snap(1, i * 10)).unwrap();
         }

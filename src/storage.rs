@@ -10,6 +10,8 @@ use std::path::PathBuf;
 use raft::prelude::*;
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 
+use crate::vfs::Disk;
+
 /// Entries since the last compaction plus the last snapshot (its data in memory, or in its
 /// `.snap` file).
 ///
@@ -22,19 +24,15 @@ pub struct RaftStorage {
     /// Set when `snapshot` carries only metadata and its data is read from this file on
     /// demand (raft asks only when a follower is behind the compacted log).
     snapshot_file: Option<PathBuf>,
+    /// What `snapshot_file` is read from.
+    disk: Disk,
     conf_state: ConfState,
     ents: Vec<Entry>,
 }
 
 impl Default for RaftStorage {
     fn default() -> Self {
-        RaftStorage {
-            hard_state: HardState::default(),
-            snapshot: Snapshot::default(),
-            snapshot_file: None,
-            conf_state: ConfState::default(),
-            ents: vec![Entry::default()],
-        }
+        RaftStorage::new(Disk::default())
     }
 }
 
@@ -43,6 +41,17 @@ fn store_err(e: StorageError) -> raft::Error {
 }
 
 impl RaftStorage {
+    pub fn new(disk: Disk) -> RaftStorage {
+        RaftStorage {
+            hard_state: HardState::default(),
+            snapshot: Snapshot::default(),
+            snapshot_file: None,
+            disk,
+            conf_state: ConfState::default(),
+            ents: vec![Entry::default()],
+        }
+    }
+
     fn offset(&self) -> u64 {
         self.ents[0].index
     }
@@ -276,7 +285,7 @@ impl Storage for RaftStorage {
         };
         let meta = self.snapshot.get_metadata();
         // Unreadable now (being purged, disk trouble): raft asks again later.
-        crate::snap::read(path, meta.term, meta.index)
+        crate::snap::read(&self.disk, path, meta.term, meta.index)
             .map_err(|_| store_err(StorageError::SnapshotTemporarilyUnavailable))
     }
 }
@@ -333,7 +342,7 @@ mod tests {
     fn snapshot_on_disk_is_served_from_its_file() {
         let dir = tempfile::TempDir::new().unwrap();
         let logger = slog::Logger::root(slog::Discard, slog::o!());
-        let snapper = crate::snap::Snapshotter::new(dir.path(), &logger).unwrap();
+        let snapper = crate::snap::Snapshotter::new(&Disk::default(), dir.path(), &logger).unwrap();
         let mut s = storage_with(10);
         let mut snap = Snapshot {
             data: b"\xffmap".to_vec().into(),

@@ -60,18 +60,23 @@
 //! older segment is trimmed to its last record when the next one is cut, and
 //! the last one on a clean stop.
 //!
-//! A bad record at the end of the *last* segment (it runs past EOF, or it
-//! fails its CRC and only zero bytes follow, or it starts with a zero length)
-//! is a write torn by a crash: the file is truncated at that record and a
-//! warning logged. Any other bad byte is [`Error::Corrupt`], including a
-//! length over the limit that still fits in the file (the writer never
-//! produces one, and data follows it).
+//! A bad record in the *last* segment that a crash explains is a torn write:
+//! the file is truncated at that record and a warning logged. A crash explains
+//! a record that runs past EOF, one that starts with a zero length, one that
+//! fails its CRC with only zeros after it, and one that fails its CRC with a
+//! 4 KiB page of zeros inside it. The last is a power cut in the middle of a
+//! multi-page write: of the pages written since the last fsync any subset may
+//! reach the disk, in any order, and a page that did not reads as the zeros
+//! written ahead; everything after it was written later, so unsynced too. Any
+//! other bad byte is [`Error::Corrupt`]: damage in an older segment (each is
+//! fsynced before the next is cut), a CRC failure with no zero page and more
+//! data after it, a length over the limit that still fits in the file (the
+//! writer never produces one).
 
 mod record;
 mod segment;
 pub mod writer;
 
-use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -81,6 +86,8 @@ use slog::{info, o, warn, Logger};
 use record::encode;
 pub use record::{Record, SegmentHeader, WalSnapshot, MAX_RECORD_LEN};
 use segment::{SegmentFile, SegmentName};
+
+use crate::vfs::Disk;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -130,6 +137,8 @@ pub struct WalOptions {
     /// writes the bytes that fit and then fails with an I/O error.
     #[doc(hidden)]
     pub fail_write_after: Option<u64>,
+    /// Where the segments live: the OS, or a simulated disk in tests.
+    pub disk: Disk,
 }
 
 impl Default for WalOptions {
@@ -137,6 +146,7 @@ impl Default for WalOptions {
         WalOptions {
             segment_size: 64 << 20,
             fail_write_after: None,
+            disk: Disk::default(),
         }
     }
 }
@@ -193,11 +203,12 @@ pub struct Wal {
 
 impl Wal {
     /// True if `dir` holds at least one `*.wal` file.
-    pub fn exists(dir: &Path) -> bool {
-        fs::read_dir(dir)
-            .map(|rd| {
-                rd.flatten()
-                    .any(|e| e.path().extension().is_some_and(|x| x == segment::EXT))
+    pub fn exists(disk: &Disk, dir: &Path) -> bool {
+        disk.list(dir)
+            .map(|names| {
+                names
+                    .iter()
+                    .any(|n| Path::new(n).extension().is_some_and(|x| x == segment::EXT))
             })
             .unwrap_or(false)
     }
@@ -206,11 +217,11 @@ impl Wal {
     /// replays every segment, repairs a torn tail, returns what it read.
     pub fn open(dir: &Path, opts: WalOptions, logger: &Logger) -> Result<(Wal, Recovered), Error> {
         let logger = logger.new(o!("component" => "wal"));
-        if !dir.is_dir() {
-            create_dir(dir)?;
-        }
-        remove_tmp_files(dir)?;
-        let (segments, ignored) = list_segments(dir)?;
+        let disk = opts.disk.clone();
+        disk.create_dir_durable(dir)
+            .map_err(|e| Error::io(dir, e))?;
+        remove_tmp_files(&disk, dir)?;
+        let (segments, ignored) = list_segments(&disk, dir)?;
         for name in ignored {
             warn!(logger, "ignoring file with a .wal extension but no segment name"; "file" => name);
         }
@@ -222,7 +233,7 @@ impl Wal {
         let mut prev_crc = None;
         for (i, (name, path)) in segments.iter().enumerate() {
             let is_last = i + 1 == segments.len();
-            let s = segment::read(path, *name, prev_crc, is_last)?;
+            let s = segment::read(&disk, path, *name, prev_crc, is_last)?;
             let records = s.records.len();
             for (offset, rec) in s.records {
                 replay.apply(rec).map_err(|reason| Error::Corrupt {
@@ -240,13 +251,13 @@ impl Wal {
                     warn!(logger, "truncating torn wal tail";
                         "file" => path.display(), "offset" => torn.offset, "reason" => torn.reason);
                 }
-                segment::truncate(path, s.valid_len)?;
+                segment::truncate(&disk, path, s.valid_len)?;
             }
             prev_crc = Some(s.end_crc);
         }
 
         let (name, path) = segments[segments.len() - 1].clone();
-        let seg = SegmentFile::open_append(&path, name)?;
+        let seg = SegmentFile::open_append(&disk, &path, name)?;
         let recovered = Recovered {
             hard_state: replay.tail.hard_state.clone().unwrap_or_default(),
             entries: replay.entries,
@@ -287,7 +298,7 @@ impl Wal {
         };
         let mut buf = Vec::new();
         let crc = encode(&Record::Header(header), 0, &mut buf)?;
-        let seg = SegmentFile::create(dir, name, &buf)?;
+        let seg = SegmentFile::create(&opts.disk, dir, name, &buf)?;
         info!(logger, "created wal"; "file" => seg.path.display());
         let wal = Wal {
             dir: dir.to_path_buf(),
@@ -367,7 +378,7 @@ impl Wal {
         // Oldest first, so a failure part-way still leaves a contiguous run.
         while removed < keep_from {
             let path = &self.segments[0].1;
-            match fs::remove_file(path) {
+            match self.opts.disk.remove(path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(Error::io(path, e)),
@@ -376,7 +387,7 @@ impl Wal {
             removed += 1;
         }
         if removed > 0 {
-            segment::sync_dir(&self.dir)?;
+            segment::sync_dir(&self.opts.disk, &self.dir)?;
             info!(self.logger, "released wal segments";
                 "index" => index, "removed" => removed, "remaining" => self.segments.len());
         }
@@ -469,7 +480,7 @@ impl Wal {
         if self.room_left(buf.len()).is_some() {
             return Err(simulated_enospc(&self.dir.join(name.file_name())));
         }
-        let seg = SegmentFile::create(&self.dir, name, &buf)?;
+        let seg = SegmentFile::create(&self.opts.disk, &self.dir, name, &buf)?;
         self.written += buf.len() as u64;
         info!(self.logger, "cut new wal segment";
             "file" => seg.path.display(), "first_index" => name.first_index);
@@ -552,12 +563,12 @@ pub struct DirRecords {
 
 /// Reads every record of every segment in `dir` without modifying anything.
 /// Corruption is returned as [`Error::Corrupt`], as `open` would.
-pub fn read_dir_records(dir: &Path) -> Result<DirRecords, Error> {
-    let (segments, _) = list_segments(dir)?;
+pub fn read_dir_records(disk: &Disk, dir: &Path) -> Result<DirRecords, Error> {
+    let (segments, _) = list_segments(disk, dir)?;
     let mut out = DirRecords::default();
     let mut prev_crc = None;
     for (i, (name, path)) in segments.iter().enumerate() {
-        let s = segment::read(path, *name, prev_crc, i + 1 == segments.len())?;
+        let s = segment::read(disk, path, *name, prev_crc, i + 1 == segments.len())?;
         out.records.push(DirRecord {
             path: path.clone(),
             offset: 0,
@@ -583,16 +594,12 @@ type Segments = Vec<(SegmentName, PathBuf)>;
 
 /// Lists segments by sequence number, checking that they are contiguous.
 /// Also returns `*.wal` names that are not segment names.
-fn list_segments(dir: &Path) -> Result<(Segments, Vec<String>), Error> {
+fn list_segments(disk: &Disk, dir: &Path) -> Result<(Segments, Vec<String>), Error> {
     let mut segments = Vec::new();
     let mut ignored = Vec::new();
-    for ent in fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
-        let ent = ent.map_err(|e| Error::io(dir, e))?;
-        let Some(file_name) = ent.file_name().to_str().map(str::to_owned) else {
-            continue;
-        };
+    for file_name in disk.list(dir).map_err(|e| Error::io(dir, e))? {
         match SegmentName::parse(&file_name) {
-            Some(n) => segments.push((n, ent.path())),
+            Some(n) => segments.push((n, dir.join(&file_name))),
             None if file_name.ends_with(".wal") => ignored.push(file_name),
             None => {}
         }
@@ -613,27 +620,14 @@ fn list_segments(dir: &Path) -> Result<(Segments, Vec<String>), Error> {
     Ok((segments, ignored))
 }
 
-fn remove_tmp_files(dir: &Path) -> Result<(), Error> {
-    for ent in fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
-        let ent = ent.map_err(|e| Error::io(dir, e))?;
-        if ent.file_name().to_str().is_some_and(segment::is_tmp) {
-            fs::remove_file(ent.path()).map_err(|e| Error::io(&ent.path(), e))?;
+fn remove_tmp_files(disk: &Disk, dir: &Path) -> Result<(), Error> {
+    for name in disk.list(dir).map_err(|e| Error::io(dir, e))? {
+        if segment::is_tmp(&name) {
+            let path = dir.join(&name);
+            disk.remove(&path).map_err(|e| Error::io(&path, e))?;
         }
     }
     Ok(())
-}
-
-/// Creates `dir` (0750 on Unix) and makes its entry in the parent durable.
-fn create_dir(dir: &Path) -> Result<(), Error> {
-    let mut b = fs::DirBuilder::new();
-    b.recursive(true);
-    #[cfg(unix)]
-    std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o750);
-    b.create(dir).map_err(|e| Error::io(dir, e))?;
-    match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => segment::sync_dir(p),
-        _ => segment::sync_dir(Path::new(".")),
-    }
 }
 
 fn simulated_enospc(path: &Path) -> Error {
@@ -647,6 +641,7 @@ fn simulated_enospc(path: &Path) -> Error {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::fs;
     use tempfile::TempDir;
 
     fn logger() -> Logger {
@@ -739,7 +734,11 @@ mod tests {
     }
 
     fn last_record(dir: &Path) -> DirRecord {
-        read_dir_records(dir).unwrap().records.pop().unwrap()
+        read_dir_records(&Disk::default(), dir)
+            .unwrap()
+            .records
+            .pop()
+            .unwrap()
     }
 
     /// Writes a fixed history: entries, hard states, two markers, an overwrite.
@@ -777,10 +776,10 @@ mod tests {
     fn new_dir_gets_first_segment() {
         let tmp = TempDir::new().unwrap();
         let dir = tmp.path().join("a/wal");
-        assert!(!Wal::exists(&dir));
+        assert!(!Wal::exists(&Disk::default(), &dir));
         let (_w, rec) = open(&dir).unwrap();
         assert_eq!(rec, Recovered::default());
-        assert!(Wal::exists(&dir));
+        assert!(Wal::exists(&Disk::default(), &dir));
         assert_eq!(
             wal_files(&dir),
             [dir.join("0000000000000000-0000000000000000.wal")]
@@ -856,7 +855,7 @@ mod tests {
         assert_eq!(rec, expected_history());
 
         // Names: contiguous sequence; first index is the next expected entry.
-        let dump = read_dir_records(tmp.path()).unwrap();
+        let dump = read_dir_records(&Disk::default(), tmp.path()).unwrap();
         let mut max_seen = 0;
         for r in &dump.records {
             match &r.record {
@@ -1017,7 +1016,7 @@ mod tests {
         }
         let files = wal_files(tmp.path());
         assert_eq!(files.len(), 2, "{files:?}");
-        let full = read_dir_records(tmp.path()).unwrap();
+        let full = read_dir_records(&Disk::default(), tmp.path()).unwrap();
         let first_end = full.records.iter().rfind(|r| r.path == files[0]).unwrap();
         let first_len = fs::metadata(&files[0]).unwrap().len();
         assert!(first_end.offset < first_len);
@@ -1086,7 +1085,7 @@ mod tests {
         let (mut w, _) = open(tmp.path()).unwrap();
         w.save(&ents(1..=5, 1), Some(&hs(1, 5)), true).unwrap();
         drop(w);
-        let dump = read_dir_records(tmp.path()).unwrap();
+        let dump = read_dir_records(&Disk::default(), tmp.path()).unwrap();
         let victim = &dump.records[3]; // entry 3
         let mut bytes = fs::read(&victim.path).unwrap();
         bytes[victim.offset as usize + 12] ^= 0x40;
@@ -1178,7 +1177,7 @@ mod tests {
         bytes.extend_from_slice(&[1, 0, 0]);
         fs::write(&file, &bytes).unwrap();
 
-        let dump = read_dir_records(tmp.path()).unwrap();
+        let dump = read_dir_records(&Disk::default(), tmp.path()).unwrap();
         let kinds: Vec<_> = dump
             .records
             .iter()

@@ -1,13 +1,11 @@
 //! One segment file: naming, creation, appending, and scanning its records
 //! with the torn-tail policy.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::record::{self, DecodeError, Record, SegmentHeader, FRAME_HEADER_LEN};
 use super::Error;
+use crate::vfs::{Disk, VFile};
 
 pub(super) const EXT: &str = "wal";
 const TMP_SUFFIX: &str = ".tmp";
@@ -55,35 +53,36 @@ pub(super) struct SegmentFile {
     pub size: u64,
     /// The file's length: from `size` on it holds zeros written ahead.
     len: u64,
-    file: File,
+    file: Box<dyn VFile>,
 }
 
 impl SegmentFile {
     /// Creates a segment holding `initial` (its header and carried-over
     /// state) atomically: a crash leaves either no file or a complete one,
     /// never a segment without a header.
-    pub fn create(dir: &Path, name: SegmentName, initial: &[u8]) -> Result<Self, Error> {
+    pub fn create(
+        disk: &Disk,
+        dir: &Path,
+        name: SegmentName,
+        initial: &[u8],
+    ) -> Result<Self, Error> {
         let path = dir.join(name.file_name());
         let tmp = dir.join(format!("{}{TMP_SUFFIX}", name.file_name()));
-        let write_tmp = || -> std::io::Result<File> {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&tmp)?;
-            f.write_all(initial)?;
+        let write_tmp = || -> std::io::Result<Box<dyn VFile>> {
+            let mut f = disk.create(&tmp)?;
+            f.write_at(initial, 0)?;
             f.sync_all()?;
             Ok(f)
         };
         let file = match write_tmp() {
             Ok(f) => f,
             Err(e) => {
-                let _ = fs::remove_file(&tmp);
+                let _ = disk.remove(&tmp);
                 return Err(Error::io(&tmp, e));
             }
         };
-        fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
-        sync_dir(dir)?;
+        disk.rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+        sync_dir(disk, dir)?;
         Ok(SegmentFile {
             path,
             name,
@@ -95,12 +94,9 @@ impl SegmentFile {
 
     /// Opens an existing segment (already cut back to its last record) for appending at its
     /// end.
-    pub fn open_append(path: &Path, name: SegmentName) -> Result<Self, Error> {
-        let file = OpenOptions::new()
-            .write(true)
-            .open(path)
-            .map_err(|e| Error::io(path, e))?;
-        let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    pub fn open_append(disk: &Disk, path: &Path, name: SegmentName) -> Result<Self, Error> {
+        let file = disk.open(path).map_err(|e| Error::io(path, e))?;
+        let size = file.size().map_err(|e| Error::io(path, e))?;
         Ok(SegmentFile {
             path: path.to_path_buf(),
             name,
@@ -123,7 +119,7 @@ impl SegmentFile {
             self.zero_fill(end + (end / 4).min(ZERO_AHEAD_MAX))?;
         }
         self.file
-            .write_all_at(buf, self.size)
+            .write_at(buf, self.size)
             .map_err(|e| Error::io(&self.path, e))?;
         self.size = end;
         Ok(())
@@ -135,7 +131,7 @@ impl SegmentFile {
         while self.len < len {
             let n = (len - self.len).min(ZEROS.len() as u64) as usize;
             self.file
-                .write_all_at(&ZEROS[..n], self.len)
+                .write_at(&ZEROS[..n], self.len)
                 .map_err(|e| Error::io(&self.path, e))?;
             self.len += n as u64;
         }
@@ -163,18 +159,13 @@ impl SegmentFile {
 }
 
 /// Makes creations, renames and deletions in `dir` durable.
-pub(super) fn sync_dir(dir: &Path) -> Result<(), Error> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io(dir, e))
+pub(super) fn sync_dir(disk: &Disk, dir: &Path) -> Result<(), Error> {
+    disk.sync_dir(dir).map_err(|e| Error::io(dir, e))
 }
 
 /// Cuts a torn tail off the file and makes the new length durable.
-pub(super) fn truncate(path: &Path, len: u64) -> Result<(), Error> {
-    let f = OpenOptions::new()
-        .write(true)
-        .open(path)
-        .map_err(|e| Error::io(path, e))?;
+pub(super) fn truncate(disk: &Disk, path: &Path, len: u64) -> Result<(), Error> {
+    let mut f = disk.open(path).map_err(|e| Error::io(path, e))?;
     f.set_len(len).map_err(|e| Error::io(path, e))?;
     f.sync_all().map_err(|e| Error::io(path, e))
 }
@@ -207,12 +198,13 @@ pub(super) struct Torn {
 /// for the oldest segment on disk, which takes its seed from its own header.
 /// A torn tail is only accepted when `is_last`; the file is not modified.
 pub(super) fn read(
+    disk: &Disk,
     path: &Path,
     name: SegmentName,
     prev_crc: Option<u32>,
     is_last: bool,
 ) -> Result<Scanned, Error> {
-    let buf = fs::read(path).map_err(|e| Error::io(path, e))?;
+    let buf = disk.read(path).map_err(|e| Error::io(path, e))?;
     let corrupt = |offset: u64, reason: String| Error::Corrupt {
         path: path.to_path_buf(),
         offset,
@@ -274,8 +266,10 @@ pub(super) struct Scan {
 /// Decodes every record in `buf` and applies the torn-tail policy: in the
 /// last segment, a zero record length is where the writer stopped (unused
 /// zeros if only zeros follow), and a bad record that reaches the end of the
-/// file (it runs past EOF, or only zero bytes follow where it fails) is what
-/// an interrupted write leaves behind; both are reported as `torn`. Anything
+/// file (it runs past EOF, or only zero bytes follow where it fails) or fails
+/// its CRC with a page of zeros inside (a page of a multi-page write that never
+/// reached the disk: whatever follows is as unsynced) is what an interrupted
+/// write leaves behind; both are reported as `torn`. Anything
 /// else is corruption, returned as `(offset, reason)`. Pure, so it can be
 /// fuzzed.
 pub(super) fn scan(
@@ -302,10 +296,11 @@ pub(super) fn scan(
                 let reaches_end = unused
                     || match e {
                         DecodeError::Truncated { .. } => true,
-                        // The frame fits (the CRC was computed over it).
+                        // The frame fits (the CRC was computed over it). Either nothing
+                        // was written after it, or a page of it never reached the disk.
                         DecodeError::CrcMismatch { .. } => {
                             let end = FRAME_HEADER_LEN + record_len(rest);
-                            zeros(&rest[end..])
+                            zeros(&rest[end..]) || has_lost_page(buf, off, off + end)
                         }
                         _ => false,
                     };
@@ -337,6 +332,26 @@ pub(super) fn scan(
         valid_len: off as u64,
         torn: None,
     })
+}
+
+/// Page size of the fault model: a power cut keeps or loses unsynced writes page by page.
+const PAGE: usize = 4096;
+
+/// True if some page the record `buf[start..end]` covers holds only zeros where the record
+/// is: what a page that was written but never reached the disk reads as (the segment is
+/// zero-filled ahead of the records, and pages past the old end read as zeros). A CRC failure
+/// explained this way is a torn write, as etcd's decoder treats a record with an all-zero
+/// sector. The frame header is non-zero, so the page holding it never qualifies alone.
+fn has_lost_page(buf: &[u8], start: usize, end: usize) -> bool {
+    let mut lo = start;
+    while lo < end {
+        let hi = ((lo / PAGE + 1) * PAGE).min(end);
+        if buf[lo..hi].iter().all(|&b| b == 0) {
+            return true;
+        }
+        lo = hi;
+    }
+    false
 }
 
 fn record_len(frame: &[u8]) -> usize {

@@ -6,7 +6,6 @@
 //! stops) on a tokio unbounded channel the raft task selects on. The raft loop therefore never
 //! blocks on the disk, and the leader's fsync overlaps the followers' and the next batch.
 
-use std::path::PathBuf;
 use std::sync::mpsc as std_mpsc;
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -64,7 +63,7 @@ pub struct Writer {
 impl Writer {
     pub fn start(
         wal: Wal,
-        snap_dir: PathBuf,
+        snapshotter: Snapshotter,
         done_tx: mpsc::UnboundedSender<Result<Persisted, WriterError>>,
         logger: &slog::Logger,
     ) -> std::io::Result<Writer> {
@@ -73,7 +72,7 @@ impl Writer {
         let thread = std::thread::Builder::new()
             .name("wal".into())
             .spawn(move || {
-                if let Err(e) = run(wal, &snap_dir, &rx, &done_tx, &logger) {
+                if let Err(e) = run(wal, &snapshotter, &rx, &done_tx, &logger) {
                     slog::crit!(logger, "WAL writer stopped"; "error" => %e);
                     let _ = done_tx.send(Err(e));
                 }
@@ -108,12 +107,11 @@ impl Drop for Writer {
 
 fn run(
     mut wal: Wal,
-    snap_dir: &std::path::Path,
+    snapshotter: &Snapshotter,
     rx: &std_mpsc::Receiver<Job>,
     done_tx: &mpsc::UnboundedSender<Result<Persisted, WriterError>>,
     logger: &slog::Logger,
 ) -> Result<(), WriterError> {
-    let snapshotter = Snapshotter::new(snap_dir, logger)?;
     while let Ok(first) = rx.recv() {
         let mut sync = false;
         let mut number = None;

@@ -1,0 +1,169 @@
+//! The file-system interface under the WAL and the snapshot files: the handful of calls they
+//! make (create, write at, read, sync data, sync all, rename, remove, list, sync dir), so that
+//! the daemon runs them on the OS and the tests on a simulated disk ([`sim`], feature
+//! `fault-injection`) that loses unsynced writes the way a power cut does.
+//!
+//! No channels: a [`Disk`] is a cheap handle, cloned into whoever writes files.
+
+#[cfg(any(test, feature = "fault-injection"))]
+pub mod sim;
+
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+
+/// A file open for writing.
+pub trait VFile: Send + fmt::Debug {
+    /// Writes all of `buf` at `offset`, extending the file if needed.
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
+    fn set_len(&mut self, len: u64) -> io::Result<()>;
+    fn size(&self) -> io::Result<u64>;
+    /// fdatasync: the data and the length, not the other metadata.
+    fn sync_data(&mut self) -> io::Result<()>;
+    fn sync_all(&mut self) -> io::Result<()>;
+}
+
+/// The calls the WAL and the snapshotter make on a file system.
+pub trait Vfs: Send + Sync + fmt::Debug {
+    /// Creates `path` (or truncates it) for writing.
+    fn create(&self, path: &Path) -> io::Result<Box<dyn VFile>>;
+    /// Opens an existing file for writing.
+    fn open(&self, path: &Path) -> io::Result<Box<dyn VFile>>;
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>>;
+    /// Atomically replaces `to` with `from` (durable only after [`Vfs::sync_dir`]).
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    fn remove(&self, path: &Path) -> io::Result<()>;
+    /// Names (not paths) of the entries of `dir`, in no particular order.
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
+    /// Creates `dir` and its missing parents, mode 0750.
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
+    fn is_dir(&self, dir: &Path) -> bool;
+    /// Makes the creations, renames and removals of entries in `dir` durable.
+    fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+}
+
+/// The disk the WAL and snapshots live on: the OS unless a test hands in another.
+#[derive(Clone, Debug)]
+pub struct Disk(Arc<dyn Vfs>);
+
+impl Default for Disk {
+    fn default() -> Self {
+        Disk(Arc::new(Os))
+    }
+}
+
+impl std::ops::Deref for Disk {
+    type Target = dyn Vfs;
+    fn deref(&self) -> &Self::Target {
+        &*self.0
+    }
+}
+
+impl Disk {
+    pub fn new(vfs: Arc<dyn Vfs>) -> Disk {
+        Disk(vfs)
+    }
+
+    /// Creates `dir` if missing and makes its entry in the parent durable: without that a
+    /// crash could lose the directory, and with it files the rest of the store relies on.
+    pub fn create_dir_durable(&self, dir: &Path) -> io::Result<()> {
+        if self.is_dir(dir) {
+            return Ok(());
+        }
+        self.create_dir_all(dir)?;
+        match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => self.sync_dir(p),
+            _ => self.sync_dir(Path::new(".")),
+        }
+    }
+}
+
+/// The real file system.
+#[derive(Debug)]
+pub struct Os;
+
+#[derive(Debug)]
+struct OsFile(File);
+
+impl VFile for OsFile {
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.0.write_all_at(buf, offset)
+    }
+    fn set_len(&mut self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.0.metadata()?.len())
+    }
+    fn sync_data(&mut self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+    fn sync_all(&mut self) -> io::Result<()> {
+        self.0.sync_all()
+    }
+}
+
+impl Vfs for Os {
+    fn create(&self, path: &Path) -> io::Result<Box<dyn VFile>> {
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?;
+        Ok(Box::new(OsFile(f)))
+    }
+    fn open(&self, path: &Path) -> io::Result<Box<dyn VFile>> {
+        Ok(Box::new(OsFile(OpenOptions::new().write(true).open(path)?)))
+    }
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+        fs::read(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        fs::rename(from, to)
+    }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        fs::remove_file(path)
+    }
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for ent in fs::read_dir(dir)? {
+            // A name that is not UTF-8 is no file of ours.
+            if let Ok(name) = ent?.file_name().into_string() {
+                names.push(name);
+            }
+        }
+        Ok(names)
+    }
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        let mut b = fs::DirBuilder::new();
+        b.recursive(true);
+        std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o750);
+        b.create(dir)
+    }
+    fn is_dir(&self, dir: &Path) -> bool {
+        dir.is_dir()
+    }
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        File::open(dir)?.sync_all()
+    }
+}
+
+/// A [`VFile`] as a sequential `Write`r, for streaming a snapshot file.
+pub struct Appender {
+    pub file: Box<dyn VFile>,
+    pub offset: u64,
+}
+
+impl io::Write for Appender {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.file.write_at(buf, self.offset)?;
+        self.offset += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
