@@ -346,6 +346,8 @@ impl RaftNode {
         let peers = cfg.peers()?;
         let started = Instant::now();
         let snapshotter = Snapshotter::new(&cfg.snap_dir(), logger)?;
+        // Now, before any snapshot thread or WAL writer runs, is the only safe time.
+        snapshotter.remove_tmp_files()?;
         let old_wal = Wal::exists(&cfg.wal_dir());
         let (mut wal, rec) = Wal::open(
             &cfg.wal_dir(),
@@ -855,6 +857,11 @@ impl RaftNode {
                 messages,
             })?;
         }
+        if !rd.snapshot().is_empty() {
+            // Behind the Append just queued: its HardState's commit is what makes the leader's
+            // snapshot one recovery would use (see `Job::Purge`).
+            self.purge()?;
+        }
 
         // 5. Read indexes answered by the leader.
         self.reads.resolve(rd.take_read_states());
@@ -944,7 +951,7 @@ impl RaftNode {
         self.snapshot_bytes = snap_bytes;
         self.log_bytes = 0;
         self.writes = 0;
-        self.purge()
+        Ok(())
     }
 
     async fn send_apply(&mut self, a: Apply) -> Result<()> {
