@@ -4,8 +4,9 @@
 //! requests), `raft_msg_rx` (messages from peers) and `report_rx` (send failures); writes
 //! `commit_tx` ([`Apply`] batches for the kvstore). It is a task on the shared runtime and
 //! never blocks: the WAL's writes and fsyncs run on the writer thread, snapshots on a snapshot
-//! thread. A fatal error (WAL or snapshot I/O) ends the task; the caller sees it as the error
-//! channel's value.
+//! thread. A fatal error (WAL I/O, a leader's snapshot that cannot be saved) ends the task; the
+//! caller sees it as the error channel's value. A local snapshot that cannot be written is not
+//! one: it is logged and taken again at a later trigger.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
@@ -1111,8 +1112,10 @@ impl RaftNode {
                         path,
                         data_len,
                     });
-                slog::info!(logger, "snapshot written"; "index" => index,
-                    "ms" => started.elapsed().as_millis() as u64);
+                if res.is_ok() {
+                    slog::info!(logger, "snapshot written"; "index" => index,
+                        "ms" => started.elapsed().as_millis() as u64);
+                }
                 let _ = done_tx.send(res);
             })
             .map_err(|e| Error::Io {
@@ -1125,10 +1128,18 @@ impl RaftNode {
 
     /// The snapshot thread made a `.snap` durable: serve it to slow followers, compact the
     /// log, record its WAL marker (only now: a marker must never name a missing file) and
-    /// purge what it makes obsolete.
+    /// purge what it makes obsolete. Or it failed: logged, and the log stays uncompacted.
     fn on_snapshot_written(&mut self, done: SnapshotDone) -> Result<()> {
         self.snapshot_in_flight = false;
-        let done = done?;
+        let done = match done {
+            Ok(done) => done,
+            Err(e) => {
+                // Not fatal: the WAL holds everything it would have, and a later one replaces it.
+                slog::error!(self.logger, "cannot write a snapshot; trying again at the next trigger";
+                    "error" => %e);
+                return Ok(());
+            }
+        };
         let (index, term) = (done.meta.index, done.meta.term);
         if index <= self.snapshot_index {
             // A newer snapshot came from the leader meanwhile.
