@@ -64,7 +64,8 @@ pub struct Config {
     #[arg(long, default_value_t = 64 * 1024 * 1024)]
     pub wal_segment_size: u64,
 
-    /// Snapshot files to keep; older ones are deleted after each new snapshot.
+    /// Snapshots to keep among those recovery could use; older files are deleted after each new
+    /// snapshot.
     #[arg(long, default_value_t = 5)]
     pub max_snapshots: usize,
 

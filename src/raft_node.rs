@@ -4,8 +4,9 @@
 //! requests), `raft_msg_rx` (messages from peers) and `report_rx` (send failures); writes
 //! `commit_tx` ([`Apply`] batches for the kvstore). It is a task on the shared runtime and
 //! never blocks: the WAL's writes and fsyncs run on the writer thread, snapshots on a snapshot
-//! thread. A fatal error (WAL or snapshot I/O) ends the task; the caller sees it as the error
-//! channel's value.
+//! thread. A fatal error (WAL I/O, a leader's snapshot that cannot be saved) ends the task; the
+//! caller sees it as the error channel's value. A local snapshot that cannot be written is not
+//! one: it is logged and taken again at a later trigger.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
@@ -346,6 +347,8 @@ impl RaftNode {
         let peers = cfg.peers()?;
         let started = Instant::now();
         let snapshotter = Snapshotter::new(&cfg.disk, &cfg.snap_dir(), logger)?;
+        // Now, before any snapshot thread or WAL writer runs, is the only safe time.
+        snapshotter.remove_tmp_files()?;
         let old_wal = Wal::exists(&cfg.disk, &cfg.wal_dir());
         let (mut wal, rec) = Wal::open(
             &cfg.wal_dir(),
@@ -856,6 +859,11 @@ impl RaftNode {
                 messages,
             })?;
         }
+        if !rd.snapshot().is_empty() {
+            // Behind the Append just queued: its HardState's commit is what makes the leader's
+            // snapshot one recovery would use (see `Job::Purge`).
+            self.purge()?;
+        }
 
         // 5. Read indexes answered by the leader.
         self.reads.resolve(rd.take_read_states());
@@ -945,7 +953,7 @@ impl RaftNode {
         self.snapshot_bytes = snap_bytes;
         self.log_bytes = 0;
         self.writes = 0;
-        self.purge()
+        Ok(())
     }
 
     async fn send_apply(&mut self, a: Apply) -> Result<()> {
@@ -1103,8 +1111,10 @@ impl RaftNode {
                         path,
                         data_len,
                     });
-                slog::info!(logger, "snapshot written"; "index" => index,
-                    "ms" => started.elapsed().as_millis() as u64);
+                if res.is_ok() {
+                    slog::info!(logger, "snapshot written"; "index" => index,
+                        "ms" => started.elapsed().as_millis() as u64);
+                }
                 let _ = done_tx.send(res);
             })
             .map_err(|e| Error::Io {
@@ -1117,10 +1127,18 @@ impl RaftNode {
 
     /// The snapshot thread made a `.snap` durable: serve it to slow followers, compact the
     /// log, record its WAL marker (only now: a marker must never name a missing file) and
-    /// purge what it makes obsolete.
+    /// purge what it makes obsolete. Or it failed: logged, and the log stays uncompacted.
     fn on_snapshot_written(&mut self, done: SnapshotDone) -> Result<()> {
         self.snapshot_in_flight = false;
-        let done = done?;
+        let done = match done {
+            Ok(done) => done,
+            Err(e) => {
+                // Not fatal: the WAL holds everything it would have, and a later one replaces it.
+                slog::error!(self.logger, "cannot write a snapshot; trying again at the next trigger";
+                    "error" => %e);
+                return Ok(());
+            }
+        };
         let (index, term) = (done.meta.index, done.meta.term);
         if index <= self.snapshot_index {
             // A newer snapshot came from the leader meanwhile.

@@ -44,6 +44,15 @@ impl Error {
     }
 }
 
+/// What [`Snapshotter::purge`] did.
+#[derive(Debug, PartialEq)]
+pub struct Purged {
+    pub removed: usize,
+    /// Index of the oldest valid snapshot kept, from which on recovery needs the WAL; `None`
+    /// if no valid snapshot is present.
+    pub oldest_kept: Option<u64>,
+}
+
 #[derive(Clone, Debug)]
 pub struct Snapshotter {
     dir: PathBuf,
@@ -164,33 +173,73 @@ impl Snapshotter {
         Ok(None)
     }
 
-    /// Deletes `.snap` files beyond the newest `keep`, and leftover temporary
-    /// files. `.broken` files are kept. Returns how many files were removed.
-    pub fn purge(&self, keep: usize) -> Result<usize, Error> {
-        let mut doomed: Vec<PathBuf> = self
-            .list()?
-            .into_iter()
-            .skip(keep)
-            .map(|(_, _, p)| p)
+    /// Deletes the `.snap` files recovery no longer needs. `valid` names the snapshots
+    /// recovery would use (`(term, index)` of the WAL's durable markers at or below its durable
+    /// commit): the newest `keep` of them present stay, and so does every file newer than the
+    /// newest of those, which may still become valid (its marker or the commit covering it not
+    /// yet written). Other files, older, go: no marker will ever name them. Temporary files stay
+    /// (one may be a snapshot being written, see [`Self::remove_tmp_files`]), so do `.broken`
+    /// ones. A file already gone counts as removed.
+    pub fn purge(&self, keep: usize, valid: &[(u64, u64)]) -> Result<Purged, Error> {
+        let files = self.list()?;
+        let kept: Vec<usize> = files
+            .iter()
+            .enumerate()
+            .filter(|(_, (term, index, _))| valid.contains(&(*term, *index)))
+            .map(|(i, _)| i)
+            .take(keep)
             .collect();
-        for name in self.names()? {
-            if name.ends_with(TMP_EXT) {
-                doomed.push(self.dir.join(name));
-            }
-        }
+        let (Some(&newest), Some(&oldest)) = (kept.first(), kept.last()) else {
+            return Ok(Purged {
+                removed: 0,
+                oldest_kept: None,
+            });
+        };
+        let doomed: Vec<&PathBuf> = files
+            .iter()
+            .enumerate()
+            .skip(newest + 1)
+            .filter(|(i, _)| !kept.contains(i))
+            .map(|(_, (_, _, p))| p)
+            .collect();
         for path in &doomed {
-            self.disk.remove(path).map_err(|e| Error::io(path, e))?;
+            match self.disk.remove(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(path, e)),
+            }
         }
         if !doomed.is_empty() {
             self.sync_dir()?;
-            info!(self.logger, "purged snapshot files"; "removed" => doomed.len(), "kept" => keep);
+            info!(self.logger, "purged snapshot files"; "removed" => doomed.len(), "kept" => kept.len());
         }
-        Ok(doomed.len())
+        Ok(Purged {
+            removed: doomed.len(),
+            oldest_kept: Some(files[oldest].1),
+        })
     }
 
-    /// Index of the oldest `.snap` file present, if any.
-    pub fn oldest_index(&self) -> Result<Option<u64>, Error> {
-        Ok(self.list()?.last().map(|&(_, index, _)| index))
+    /// Deletes the temporary files of writes a crash interrupted. For startup only: while the
+    /// node runs, one may be a snapshot being written (by the snapshot thread, or by the WAL
+    /// writer installing the leader's). Returns how many files were removed.
+    pub fn remove_tmp_files(&self) -> Result<usize, Error> {
+        let mut removed = 0;
+        for name in self.names()? {
+            if !name.ends_with(TMP_EXT) {
+                continue;
+            }
+            let path = self.dir.join(&name);
+            match self.disk.remove(&path) {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(&path, e)),
+            }
+            warn!(self.logger, "removed an unfinished snapshot file"; "file" => path.display());
+        }
+        if removed > 0 {
+            self.sync_dir()?;
+        }
+        Ok(removed)
     }
 
     /// `(term, index, path)` of every `.snap` file, newest first.
@@ -511,20 +560,45 @@ mod tests {
     }
 
     #[test]
-    fn purge_keeps_the_newest_n() {
+    fn purge_keeps_the_newest_n_valid_and_leaves_tmp_files() {
         let tmp = TempDir::new().unwrap();
         let s = Snapshotter::new(&Disk::default(), tmp.path(), &logger()).unwrap();
         for i in 1..=5 {
             s.save(&snap(1, i * 10)).unwrap();
         }
-        fs::write(
-            tmp.path()
-                .join("0000000000000001-0000000000000063.snap.tmp"),
-            b"x",
-        )
-        .unwrap();
+        let valid: Vec<(u64, u64)> = (1..=5).map(|i| (1, i * 10)).collect();
+        let in_flight = "0000000000000001-0000000000000063.snap.tmp";
+        fs::write(tmp.path().join(in_flight), b"x").unwrap();
         fs::write(tmp.path().join("other.txt"), b"x").unwrap();
-        assert_eq!(s.purge(2).unwrap(), 4);
+        let purged = s.purge(2, &valid).unwrap();
+        assert_eq!(
+            purged,
+            Purged {
+                removed: 3,
+                oldest_kept: Some(40)
+            }
+        );
+        assert_eq!(
+            files(tmp.path()),
+            [
+                "0000000000000001-0000000000000028.snap",
+                "0000000000000001-0000000000000032.snap",
+                in_flight,
+                "other.txt"
+            ]
+        );
+        assert_eq!(s.purge(2, &valid).unwrap().removed, 0);
+        // Nothing valid: nothing to measure "old" against, so nothing goes.
+        assert_eq!(
+            s.purge(1, &[]).unwrap(),
+            Purged {
+                removed: 0,
+                oldest_kept: None
+            }
+        );
+        assert_eq!(files(tmp.path()).len(), 4);
+
+        assert_eq!(s.remove_tmp_files().unwrap(), 1);
         assert_eq!(
             files(tmp.path()),
             [
@@ -533,7 +607,6 @@ mod tests {
                 "other.txt"
             ]
         );
-        assert_eq!(s.purge(2).unwrap(), 0);
     }
 
     #[test]

@@ -300,3 +300,93 @@ async fn snapshot() {
     );
     n1.stop.cancel();
 }
+
+/// A snapshot source whose write fails if `fail`, as a full disk would fail the snapshot thread.
+struct Flaky {
+    inner: raftexample::kvstore::Captured,
+    fail: bool,
+}
+
+impl raftexample::raft_node::SnapshotSource for Flaky {
+    fn encoded_len(&self) -> u64 {
+        self.inner.encoded_len()
+    }
+
+    fn write_to(&self, w: &mut dyn std::io::Write) -> std::io::Result<()> {
+        if self.fail {
+            return Err(std::io::Error::other("simulated snapshot write failure"));
+        }
+        self.inner.write_to(w)
+    }
+}
+
+/// Issue 13 item 2: a local snapshot that cannot be written holds nothing acknowledged (the WAL
+/// has it all), so the node logs it and tries again at a later trigger instead of stopping.
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_snapshot_write_is_retried_not_fatal() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let (mut ls, cluster) = peer_listeners(1).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cfg = config(
+        1,
+        &cluster,
+        dir.path(),
+        &["--snapshot-count", "4", "--snapshot-catchup-entries", "2"],
+    );
+    let captures = Arc::new(AtomicUsize::new(0));
+    let counted = captures.clone();
+    let mut node = RawTestNode::start_with_snapshots(
+        cfg,
+        ls.remove(0),
+        Box::new(move || {
+            let n = counted.fetch_add(1, Ordering::SeqCst);
+            Box::new(Flaky {
+                inner: raftexample::kvstore::Captured(raftexample::kvstore::Map::new()),
+                fail: n == 0,
+            })
+        }),
+    );
+    assert!(
+        wait_until(T, || async { node.knows_leader() }).await,
+        "no leader"
+    );
+    let tx = node.propose_tx.clone().expect("proposer open");
+    let retried = tokio::time::timeout(T, async {
+        for id in 0..1000u64 {
+            if captures.load(Ordering::SeqCst) >= 2 && !node.snap_files().is_empty() {
+                return true;
+            }
+            let p = raftexample::kvstore::Proposal {
+                id,
+                data: b"foo".to_vec(),
+            };
+            if tx.send(p).await.is_err() {
+                return false;
+            }
+            loop {
+                match node.handle.commit_rx.recv().await {
+                    Some(raftexample::kvstore::Apply::Entries { applied, .. }) => {
+                        let _ = applied.send(());
+                        break;
+                    }
+                    Some(_) => {}
+                    None => return false,
+                }
+            }
+        }
+        false
+    })
+    .await;
+    if let Ok(res) = node.handle.error_rx.try_recv() {
+        panic!("the node stopped after a failed snapshot write: {res:?}");
+    }
+    assert_eq!(
+        retried,
+        Ok(true),
+        "no snapshot after the failed one (captures: {})",
+        captures.load(Ordering::SeqCst)
+    );
+    node.stop.cancel();
+}

@@ -195,6 +195,9 @@ pub struct Wal {
     /// CRC chain value after the last record written.
     crc: u32,
     tail: Tail,
+    /// The snapshot markers this WAL holds, in write order: replayed, then written, less those
+    /// `release_to` may have deleted.
+    markers: Vec<WalSnapshot>,
     /// Bytes written since open, for `fail_write_after`.
     written: u64,
     poisoned: bool,
@@ -279,6 +282,7 @@ impl Wal {
             segments,
             crc: prev_crc.unwrap_or(0),
             tail: replay.tail,
+            markers: recovered.snapshots.clone(),
             written: 0,
             poisoned: false,
             buf: Vec::new(),
@@ -308,6 +312,7 @@ impl Wal {
             seg,
             crc,
             tail: Tail::default(),
+            markers: Vec::new(),
             written: 0,
             poisoned: false,
             buf,
@@ -359,6 +364,9 @@ impl Wal {
         self.poison_on_err(r)?;
         self.crc = crc;
         self.tail.snapshot(*snap);
+        if self.markers.last() != Some(snap) {
+            self.markers.push(*snap);
+        }
         self.maybe_roll()
     }
 
@@ -387,11 +395,25 @@ impl Wal {
             removed += 1;
         }
         if removed > 0 {
+            // Only those at or above `index` are sure to remain.
+            self.markers.retain(|m| m.index >= index);
             segment::sync_dir(&self.opts.disk, &self.dir)?;
             info!(self.logger, "released wal segments";
                 "index" => index, "removed" => removed, "remaining" => self.segments.len());
         }
         Ok(removed)
+    }
+
+    /// `(term, index)` of the snapshots recovery would use if the process stopped now, once
+    /// what was written is synced: the markers held at or below the last HardState's commit
+    /// (the rule of `RaftNode::recover`).
+    pub fn recoverable_snapshots(&self) -> Vec<(u64, u64)> {
+        let commit = self.tail.hard_state.as_ref().map_or(0, |hs| hs.commit);
+        self.markers
+            .iter()
+            .filter(|m| m.index <= commit)
+            .map(|m| (m.term, m.index))
+            .collect()
     }
 
     /// Syncs and cuts the zeros written ahead off, for a clean stop.

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use raftexample::kvstore::{Apply, Captured, Map, Proposal};
-use raftexample::raft_node::{ConfChangeRequest, ReadRequest};
+use raftexample::raft_node::{ConfChangeRequest, GetSnapshot, ReadRequest};
 use raftexample::{start_raft, Config, RaftHandle};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
@@ -90,13 +90,22 @@ pub struct RawTestNode {
 
 impl RawTestNode {
     pub fn start(cfg: Config, listener: TcpListener) -> RawTestNode {
+        Self::start_with_snapshots(cfg, listener, Box::new(|| Box::new(Captured(Map::new()))))
+    }
+
+    /// [`Self::start`] with the state machine's snapshot source replaced by `get_snapshot`.
+    pub fn start_with_snapshots(
+        cfg: Config,
+        listener: TcpListener,
+        get_snapshot: GetSnapshot,
+    ) -> RawTestNode {
         let (propose_tx, propose_rx) = mpsc::channel(64);
         let (conf_change_tx, conf_change_rx) = mpsc::channel(4);
         let (read_tx, read_rx) = mpsc::channel(64);
         let stop = CancellationToken::new();
         let handle = start_raft(
             &cfg,
-            Box::new(|| Box::new(Captured(Map::new()))),
+            get_snapshot,
             propose_rx,
             conf_change_rx,
             read_rx,
