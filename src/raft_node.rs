@@ -928,7 +928,11 @@ impl RaftNode {
                 "snapshot at index {index} from the leader does not decode: {e}"
             ))
         })?;
+        let path = self.snapshotter.path(snap.get_metadata().term, index);
         self.node.mut_store().apply_snapshot(snap)?;
+        // The WAL writer is saving it to `path`; kept in memory, a large snapshot would double
+        // a joining node's footprint. Until the file is there, raft is told to ask again.
+        self.node.mut_store().release_snapshot_data(path);
         for (id, url) in &data.members {
             if !data.removed.contains(id) {
                 self.transport.add_peer(*id, url);

@@ -6,6 +6,7 @@
 //! this exists. It reads and writes no channel.
 
 use std::path::PathBuf;
+use std::sync::{mpsc, Mutex};
 
 use raft::prelude::*;
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
@@ -26,6 +27,8 @@ pub struct RaftStorage {
     snapshot_file: Option<PathBuf>,
     /// What `snapshot_file` is read from.
     disk: Disk,
+    /// The snapshot file being read for a follower, off the raft task.
+    loading: Mutex<Option<Loading>>,
     conf_state: ConfState,
     ents: Vec<Entry>,
 }
@@ -34,6 +37,12 @@ impl Default for RaftStorage {
     fn default() -> Self {
         RaftStorage::new(Disk::default())
     }
+}
+
+/// A snapshot file being read by a thread of its own.
+struct Loading {
+    index: u64,
+    done: mpsc::Receiver<Result<Snapshot, crate::snap::Error>>,
 }
 
 fn store_err(e: StorageError) -> raft::Error {
@@ -47,6 +56,7 @@ impl RaftStorage {
             snapshot: Snapshot::default(),
             snapshot_file: None,
             disk,
+            loading: Mutex::new(None),
             conf_state: ConfState::default(),
             ents: vec![Entry::default()],
         }
@@ -284,9 +294,37 @@ impl Storage for RaftStorage {
             return Ok(self.snapshot.clone());
         };
         let meta = self.snapshot.get_metadata();
-        // Unreadable now (being purged, disk trouble): raft asks again later.
-        crate::snap::read(&self.disk, path, meta.term, meta.index)
-            .map_err(|_| store_err(StorageError::SnapshotTemporarilyUnavailable))
+        let mut loading = self
+            .loading
+            .lock()
+            .expect("a panic while holding the loading lock");
+        if let Some(l) = loading.take().filter(|l| l.index == meta.index) {
+            match l.done.try_recv() {
+                // Handed out once: a file of hundreds of MB is not kept in memory for a
+                // follower that may never ask again.
+                Ok(Ok(snap)) => return Ok(snap),
+                Err(mpsc::TryRecvError::Empty) => {
+                    *loading = Some(l);
+                    return Err(store_err(StorageError::SnapshotTemporarilyUnavailable));
+                }
+                // Unreadable (disk trouble) or the reader died: read it again.
+                Ok(Err(_)) | Err(mpsc::TryRecvError::Disconnected) => {}
+            }
+        }
+        // Reading, checking and decoding a large file takes seconds, during which the raft
+        // task would send no heartbeat: a thread does it, and raft, told to retry, asks again
+        // on the follower's next heartbeat response.
+        let (tx, done) = mpsc::channel();
+        let (disk, path, term, index) = (self.disk.clone(), path.clone(), meta.term, meta.index);
+        let started = std::thread::Builder::new()
+            .name("snapshot-read".into())
+            .spawn(move || {
+                let _ = tx.send(crate::snap::read(&disk, &path, term, index));
+            });
+        if started.is_ok() {
+            *loading = Some(Loading { index, done });
+        }
+        Err(store_err(StorageError::SnapshotTemporarilyUnavailable))
     }
 }
 
@@ -353,14 +391,36 @@ mod tests {
         let path = snapper.save(&snap).unwrap();
         assert!(s.set_snapshot_on_disk(snap.get_metadata().clone(), path.clone()));
         assert!(s.last_snapshot().data.is_empty());
-        assert_eq!(s.snapshot(0, 2).unwrap(), snap);
+        // The first ask starts a read off the caller's thread; a later one gets the result.
+        assert!(unavailable(&s));
+        let long = std::time::Duration::from_secs(5);
+        assert_eq!(served(&s, long), Some(snap.clone()));
+        // Handed out once; the next ask reads the file again.
+        assert!(unavailable(&s));
+        assert_eq!(served(&s, long), Some(snap));
         std::fs::remove_file(&path).unwrap();
-        assert!(matches!(
+        assert_eq!(served(&s, std::time::Duration::from_millis(200)), None);
+    }
+
+    fn unavailable(s: &RaftStorage) -> bool {
+        matches!(
             s.snapshot(0, 2),
             Err(raft::Error::Store(
                 StorageError::SnapshotTemporarilyUnavailable
             ))
-        ));
+        )
+    }
+
+    /// Asks until the snapshot is served (for up to `timeout`); `None` if it never is.
+    fn served(s: &RaftStorage, timeout: std::time::Duration) -> Option<Snapshot> {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            match s.snapshot(0, 2) {
+                Ok(snap) => return Some(snap),
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(2)),
+            }
+        }
+        None
     }
 
     #[test]
