@@ -82,17 +82,27 @@ fn run_seed(seed: u64) {
     let mut synced = Synced::default();
     let mut last = 0;
     let steps = 1 + rng.below(40);
+    // The power fails during one of the syncs (a file's or a directory's), or after the last
+    // step if there are fewer: every call fails from then on, and the run stops there.
+    disk.fail_at_sync(rng.below(2 * steps));
     for _ in 0..steps {
         if synced.commit > 0 && rng.below(6) == 0 {
             let index = 1 + rng.below(synced.commit);
-            let snap = snapshot(index);
-            snapper.save(&snap).expect("save snapshot");
+            if snapper.save(&snapshot(index)).is_err() {
+                break;
+            }
             let marker = WalSnapshot { index, term: 1 };
-            wal.save_snapshot(&marker).expect("marker");
+            if wal.save_snapshot(&marker).is_err() {
+                break;
+            }
             synced.snapshot = Some(marker);
             // The marker's fsync covers everything written before it.
             synced.last_index = last;
             synced.commit = last;
+            // What the purge does next: segments wholly before the snapshot go.
+            if wal.release_to(index).is_err() {
+                break;
+            }
             continue;
         }
         let ents: Vec<Entry> = (0..1 + rng.below(4))
@@ -115,14 +125,16 @@ fn run_seed(seed: u64) {
             ..Default::default()
         };
         let sync = rng.below(3) > 0;
-        wal.save(&ents, Some(&hs), sync).expect("save");
+        if wal.save(&ents, Some(&hs), sync).is_err() {
+            break;
+        }
         if sync {
             synced.last_index = last;
             synced.commit = last;
         }
     }
     let after = disk.power_cut(seed);
-    let replay = format!("POWER_CUT_SEEDS={} (seed {seed})", seed + 1);
+    let replay = format!("seed {seed}, run by POWER_CUT_SEEDS={}", seed + 1);
     let (mut wal, rec) = match open(&after, &wal_dir) {
         Ok(r) => r,
         Err(e) => panic!("no restart after the cut: {e}; replay: {replay}"),
@@ -137,11 +149,19 @@ fn run_seed(seed: u64) {
     let after_vfs = Disk::new(std::sync::Arc::new(after.clone()));
     let snapper = Snapshotter::new(&after_vfs, &snap_dir, &logger()).expect("snap dir");
     let loaded = snapper.load_newest_available(&valid).expect("snapshots");
+    let got = loaded.map(|s| s.get_metadata().index);
     if let Some(want) = synced.snapshot {
-        let got = loaded.map(|s| s.get_metadata().index);
         assert!(
             got >= Some(want.index),
             "snapshot {want:?} was durable, recovery found {got:?}; replay: {replay}"
+        );
+    }
+    // The log recovery keeps follows the snapshot without a gap.
+    if let (Some(s), Some(first)) = (got, rec.entries.first()) {
+        assert!(
+            first.index <= s + 1,
+            "entries start at {} after a snapshot at {s}; replay: {replay}",
+            first.index
         );
     }
     // The repaired WAL takes new records and opens once more.
@@ -194,9 +214,14 @@ fn snapshot(index: u64) -> Snapshot {
     s
 }
 
+/// Seeds that found a defect, kept as regression cases. 1814: the power failed in the directory
+/// sync after several WAL segments were released; one of them came back without the one
+/// before it, and the WAL refused to open ("segment sequence is not contiguous").
+const FOUND: [u64; 1] = [1814];
+
 #[test]
 fn wal_and_snapshots_survive_power_cuts() {
-    for seed in 0..seeds() {
+    for seed in FOUND.into_iter().chain(0..seeds()) {
         run_seed(seed);
     }
 }

@@ -92,6 +92,23 @@ struct State {
     syncs_left: Option<u64>,
 }
 
+impl State {
+    /// One more sync (file or directory): the one [`SimDisk::fail_at_sync`] picked fails.
+    fn count_sync(&mut self) -> io::Result<()> {
+        match self.syncs_left {
+            Some(0) => {
+                self.dead = true;
+                Err(gone())
+            }
+            Some(n) => {
+                self.syncs_left = Some(n - 1);
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+}
+
 /// The simulated disk; clones share it.
 #[derive(Clone, Debug, Default)]
 pub struct SimDisk(Arc<Mutex<State>>);
@@ -200,8 +217,8 @@ impl SimDisk {
         SimDisk(Arc::new(Mutex::new(out)))
     }
 
-    /// Lets `n` more file syncs through, then fails the power during the next one: its file's
-    /// writes since the previous sync stay unsynced, and every call fails from then on (see
+    /// Lets `n` more syncs (of files or directories) through, then fails the power during the
+    /// next one: what it was to make durable stays unsynced, and every call fails from then on (see
     /// [`SimDisk::is_dead`]). A cut at a random instant mostly finds nothing unsynced, since
     /// a simulated sync takes no time; this one lands where a torn write can happen.
     pub fn fail_at_sync(&self, n: u64) {
@@ -256,14 +273,7 @@ impl SimFile {
 impl SimFile {
     fn sync(&mut self) -> io::Result<()> {
         let mut st = self.disk.live()?;
-        match st.syncs_left {
-            Some(0) => {
-                st.dead = true;
-                return Err(gone());
-            }
-            Some(n) => st.syncs_left = Some(n - 1),
-            None => {}
-        }
+        st.count_sync()?;
         st.inodes
             .get_mut(&self.ino)
             .expect("open files keep their inode")
@@ -414,6 +424,7 @@ impl Vfs for SimDisk {
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         let mut st = self.live()?;
+        st.count_sync()?;
         if !has_dir(&st, dir) {
             return Err(not_found(dir));
         }

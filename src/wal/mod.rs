@@ -383,7 +383,8 @@ impl Wal {
             .rposition(|(n, _)| n.first_index <= index)
             .unwrap_or(0);
         let mut removed = 0;
-        // Oldest first, so a failure part-way still leaves a contiguous run.
+        // Oldest first, each removal made durable before the next: a crash part-way, or a
+        // power cut that brings back any unsynced removal, still leaves a contiguous run.
         while removed < keep_from {
             let path = &self.segments[0].1;
             match self.opts.disk.remove(path) {
@@ -391,13 +392,13 @@ impl Wal {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(Error::io(path, e)),
             }
+            segment::sync_dir(&self.opts.disk, &self.dir)?;
             self.segments.remove(0);
             removed += 1;
         }
         if removed > 0 {
             // Only those at or above `index` are sure to remain.
             self.markers.retain(|m| m.index >= index);
-            segment::sync_dir(&self.opts.disk, &self.dir)?;
             info!(self.logger, "released wal segments";
                 "index" => index, "removed" => removed, "remaining" => self.segments.len());
         }
