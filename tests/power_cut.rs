@@ -387,9 +387,9 @@ async fn all_acked_readable(clients: &[String], acked: &[String]) {
     }
 }
 
-/// A 3-node cluster under 40 KB PUTs (multi-page WAL records; snapshots and purges every few
-/// writes): a power cut of one node, then of all three at once, several times. Every node must
-/// come back, and every acknowledged PUT must be served by all of them.
+/// A 3-node cluster under 40 KB PUTs (multi-page WAL records, 512 KiB segments; snapshots and
+/// purges every few writes): a power cut of one node, then of all three at once, several times.
+/// Every node must come back, and every acknowledged PUT must be served by all of them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_survives_whole_cluster_power_cuts() {
     let base_seed: u64 = std::env::var("POWER_CUT_SEED")
@@ -397,7 +397,14 @@ async fn cluster_survives_whole_cluster_power_cuts() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(1);
     eprintln!("cluster power cuts: POWER_CUT_SEED={base_seed}");
-    let extra = ["--snapshot-count", "20", "--snapshot-catchup-entries", "5"];
+    let extra = [
+        "--snapshot-count",
+        "20",
+        "--snapshot-catchup-entries",
+        "5",
+        "--wal-segment-size",
+        "524288",
+    ];
     let (ls, cluster) = peer_listeners(3).await;
     let mut nodes: Vec<SimNode> = ls
         .iter()
