@@ -26,6 +26,7 @@ pub mod faults;
 pub mod http_api;
 pub mod kvstore;
 pub mod metrics;
+pub mod nonce;
 pub mod peer_client;
 pub mod raft_node;
 pub mod server;

@@ -344,6 +344,10 @@ impl RaftNode {
         logger: &slog::Logger,
     ) -> Result<RaftNode> {
         let peers = cfg.peers()?;
+        let nonce = crate::nonce::boot_nonce().map_err(|e| Error::Io {
+            context: "cannot read a boot nonce from /dev/urandom".into(),
+            source: e,
+        })?;
         let started = Instant::now();
         let snapshotter = Snapshotter::new(&cfg.snap_dir(), logger)?;
         let old_wal = Wal::exists(&cfg.wal_dir());
@@ -509,7 +513,7 @@ impl RaftNode {
             writes: applied - snapshot_index,
             last_apply_done: None,
             pending_cc: HashMap::new(),
-            reads: ReadBatcher::default(),
+            reads: ReadBatcher::new(cfg.id, nonce),
             snapshot_in_flight: false,
             snapshot_done_tx,
             snapshot_done_rx: Some(snapshot_done_rx),
@@ -1185,20 +1189,53 @@ impl RaftNode {
 /// arrives meanwhile waits for the next, which they all share (as etcd's read loop does); under
 /// load a round answers as many reads as there are clients, for one heartbeat exchange. Any
 /// read state for round `c` also answers rounds issued before it, since they started earlier.
-#[derive(Default)]
+///
+/// A round's context is `node id | boot nonce | round number` (etcd's is alike): the leader
+/// keys pending requests by context and drops one whose context is already pending, so
+/// contexts must differ between nodes, and an answer that reaches a restarted node must not
+/// resolve the new boot's reads with an index read for the old one.
 struct ReadBatcher {
+    /// Node id and boot nonce, big-endian: the first [`CTX_PREFIX`] bytes of every context.
+    prefix: [u8; CTX_PREFIX],
     queued: Vec<ReadRequest>,
     inflight: VecDeque<(u64, Vec<ReadRequest>)>,
     next_ctx: u64,
     idle_ticks: u32,
 }
 
+const CTX_PREFIX: usize = 16;
+
 impl ReadBatcher {
+    fn new(id: u64, nonce: u64) -> ReadBatcher {
+        let mut prefix = [0; CTX_PREFIX];
+        prefix[..8].copy_from_slice(&id.to_be_bytes());
+        prefix[8..].copy_from_slice(&nonce.to_be_bytes());
+        ReadBatcher {
+            prefix,
+            queued: Vec::new(),
+            inflight: VecDeque::new(),
+            next_ctx: 0,
+            idle_ticks: 0,
+        }
+    }
+
     fn issue(&mut self, node: &mut RawNode<RaftStorage>, batch: Vec<ReadRequest>) {
         self.next_ctx += 1;
-        node.read_index(self.next_ctx.to_be_bytes().to_vec());
+        let mut ctx = Vec::with_capacity(CTX_PREFIX + 8);
+        ctx.extend_from_slice(&self.prefix);
+        ctx.extend_from_slice(&self.next_ctx.to_be_bytes());
+        node.read_index(ctx);
         self.inflight.push_back((self.next_ctx, batch));
         self.idle_ticks = 0;
+    }
+
+    /// The round number in `ctx` if this boot of this node issued it.
+    fn round(&self, ctx: &[u8]) -> Option<u64> {
+        let (prefix, n) = ctx.split_at_checked(CTX_PREFIX)?;
+        if prefix != self.prefix {
+            return None;
+        }
+        Some(u64::from_be_bytes(n.try_into().ok()?))
     }
 
     fn flush(&mut self, node: &mut RawNode<RaftStorage>) {
@@ -1238,10 +1275,10 @@ impl ReadBatcher {
 
     fn resolve(&mut self, states: Vec<ReadState>) {
         for rs in states {
-            let Ok(ctx) = <[u8; 8]>::try_from(&rs.request_ctx[..]) else {
+            let Some(ctx) = self.round(&rs.request_ctx) else {
+                // Another boot's (or garbage): its index says nothing about our rounds.
                 continue;
             };
-            let ctx = u64::from_be_bytes(ctx);
             while self.inflight.front().is_some_and(|(c, _)| *c <= ctx) {
                 let (_, batch) = self.inflight.pop_front().expect("front exists");
                 for r in batch {
@@ -1310,6 +1347,139 @@ mod tests {
                 "prefix of {cut} bytes"
             );
         }
+    }
+
+    fn discard() -> slog::Logger {
+        slog::Logger::root(slog::Discard, slog::o!())
+    }
+
+    /// A raft node of `voters` on an in-memory log, for tests that move messages by hand.
+    fn mem_node(id: u64, voters: &[u64]) -> RawNode<RaftStorage> {
+        let mut store = RaftStorage::default();
+        store.set_conf_state(ConfState {
+            voters: voters.to_vec(),
+            ..Default::default()
+        });
+        let cfg = raft::Config {
+            id,
+            election_tick: 10,
+            heartbeat_tick: 1,
+            ..Default::default()
+        };
+        RawNode::new(&cfg, store, &discard()).unwrap()
+    }
+
+    fn batcher(id: u64, nonce: u64) -> ReadBatcher {
+        ReadBatcher::new(id, nonce)
+    }
+
+    /// Runs Ready rounds and delivers messages until all `nodes` are quiet. Read states go to
+    /// each node's batcher, and are also returned (by node id) as they came.
+    fn pump(
+        nodes: &mut BTreeMap<u64, (RawNode<RaftStorage>, ReadBatcher)>,
+    ) -> Vec<(u64, ReadState)> {
+        let mut seen = Vec::new();
+        loop {
+            let mut msgs = Vec::new();
+            for (id, (n, b)) in nodes.iter_mut() {
+                if !n.has_ready() {
+                    continue;
+                }
+                let mut rd = n.ready();
+                msgs.extend(rd.take_messages());
+                let store = n.mut_store();
+                store.append(rd.entries()).unwrap();
+                if let Some(hs) = rd.hs() {
+                    store.set_hard_state(hs.clone());
+                }
+                msgs.extend(rd.take_persisted_messages());
+                let states = rd.take_read_states();
+                seen.extend(states.iter().map(|s| (*id, s.clone())));
+                b.resolve(states);
+                let mut light = n.advance(rd);
+                msgs.extend(light.take_messages());
+                if let Some(c) = light.commit_index() {
+                    n.mut_store().set_commit(c);
+                }
+                n.advance_apply();
+            }
+            if msgs.is_empty() {
+                return seen;
+            }
+            for m in msgs {
+                if let Some((n, _)) = nodes.get_mut(&m.to) {
+                    let _ = n.step(m);
+                }
+            }
+        }
+    }
+
+    /// Three nodes with node 1 elected and its first entry committed everywhere.
+    fn elected(nonce: u64) -> BTreeMap<u64, (RawNode<RaftStorage>, ReadBatcher)> {
+        let mut nodes: BTreeMap<_, _> = [1, 2, 3]
+            .into_iter()
+            .map(|id| (id, (mem_node(id, &[1, 2, 3]), batcher(id, nonce))))
+            .collect();
+        nodes.get_mut(&1).unwrap().0.campaign().unwrap();
+        pump(&mut nodes);
+        assert_eq!(nodes[&1].0.raft.state, StateRole::Leader);
+        assert!(nodes.values().all(|(n, _)| n.raft.leader_id == 1));
+        nodes
+    }
+
+    fn read(
+        nodes: &mut BTreeMap<u64, (RawNode<RaftStorage>, ReadBatcher)>,
+        id: u64,
+    ) -> oneshot::Receiver<Result<u64, ReadError>> {
+        let (tx, rx) = oneshot::channel();
+        let (n, b) = nodes.get_mut(&id).unwrap();
+        b.queued.push(tx);
+        b.flush(n);
+        rx
+    }
+
+    /// Two followers that issue their first ReadIndex round at the same moment are both
+    /// answered by the leader's one heartbeat exchange: their contexts differ (raft-rs drops a
+    /// request whose context is already pending, which left one of them waiting for the retry).
+    #[test]
+    fn reads_of_two_followers_do_not_collide() {
+        // Same nonce on purpose: the node id alone keeps contexts apart.
+        let mut nodes = elected(7);
+        let mut r2 = read(&mut nodes, 2);
+        let mut r3 = read(&mut nodes, 3);
+        let mut r1 = read(&mut nodes, 1);
+        pump(&mut nodes);
+        let commit = nodes[&1].0.raft.raft_log.committed;
+        assert_eq!(r2.try_recv().ok(), Some(Ok(commit)), "node 2's read");
+        assert_eq!(r3.try_recv().ok(), Some(Ok(commit)), "node 3's read");
+        assert_eq!(r1.try_recv().ok(), Some(Ok(commit)), "the leader's read");
+    }
+
+    /// An answer to a read of a previous incarnation of this node (same id, another boot)
+    /// resolves nothing of the current one, which is answered by its own round.
+    #[test]
+    fn answers_for_a_previous_boot_are_ignored() {
+        let mut nodes = elected(1);
+        let _old = read(&mut nodes, 2);
+        let states = pump(&mut nodes);
+        let old: Vec<ReadState> = states
+            .into_iter()
+            .filter(|(id, _)| *id == 2)
+            .map(|(_, s)| s)
+            .collect();
+        assert_eq!(old.len(), 1, "the old incarnation's read was answered");
+        // Node 2 restarts (a new boot nonce) and issues its first round; the old answer is
+        // delivered late.
+        nodes.get_mut(&2).unwrap().1 = batcher(2, 2);
+        let mut fresh = read(&mut nodes, 2);
+        nodes.get_mut(&2).unwrap().1.resolve(old);
+        assert!(
+            fresh.try_recv().is_err(),
+            "a read of this boot took an answer meant for the previous one"
+        );
+        pump(&mut nodes);
+        let commit = nodes[&1].0.raft.raft_log.committed;
+        assert_eq!(fresh.try_recv().ok(), Some(Ok(commit)));
     }
 
     /// raftexample's `TestProcessMessages`: an outgoing MsgSnapshot gets the node's current
