@@ -966,10 +966,13 @@ impl RaftNode {
             return Ok(());
         }
         let mut data: Vec<Bytes> = Vec::new();
+        // What is really applied: the batch's last index, unless our own removal stops it.
+        let mut upto = self.applied;
         for e in entries {
             if e.index <= self.applied {
                 continue;
             }
+            upto = e.index;
             self.log_bytes += e.data.len() as u64;
             self.writes += entry_writes(&e);
             match e.get_entry_type() {
@@ -993,13 +996,13 @@ impl RaftNode {
         }
         let (tx, rx) = oneshot::channel();
         self.send_apply(Apply::Entries {
-            index: last,
+            index: upto,
             data,
             applied: tx,
         })
         .await?;
         self.last_apply_done = Some(rx);
-        self.applied = last;
+        self.applied = upto;
         Ok(())
     }
 
@@ -1480,6 +1483,75 @@ mod tests {
         pump(&mut nodes);
         let commit = nodes[&1].0.raft.raft_log.committed;
         assert_eq!(fresh.try_recv().ok(), Some(Ok(commit)));
+    }
+
+    /// A freshly bootstrapped node 1 of `n` (its peers' ports are never contacted: nothing is
+    /// sent unless a Ready is handled) and the receiving end of its commit channel.
+    fn bootstrapped(dir: &std::path::Path, n: u64) -> (RaftNode, mpsc::Receiver<Apply>) {
+        use clap::Parser as _;
+        let cluster: Vec<String> = (1..=n).map(|i| format!("http://127.0.0.1:{i}")).collect();
+        let cfg = Config::parse_from([
+            "raftexample",
+            "--cluster",
+            &cluster.join(","),
+            "--data-dir",
+            dir.to_str().unwrap(),
+        ]);
+        let (commit_tx, commit_rx) = mpsc::channel(16);
+        let (report_tx, _) = mpsc::unbounded_channel();
+        let shared = Shared {
+            commit_tx,
+            removed: Default::default(),
+            status: Default::default(),
+            report_tx,
+            shutdown: CancellationToken::new(),
+            peer_client: crate::peer_client::PeerClient::from_config(&cfg).unwrap(),
+        };
+        let get_snapshot: GetSnapshot =
+            Box::new(|| Box::new(crate::kvstore::Captured(crate::kvstore::Map::new())));
+        let node = RaftNode::recover(&cfg, &shared, get_snapshot, &discard()).unwrap();
+        (node, commit_rx)
+    }
+
+    fn put_entry(index: u64, id: u64) -> Entry {
+        Entry {
+            term: 1,
+            index,
+            data: crate::kvstore::Put {
+                id,
+                key: b"/k",
+                value: b"v",
+            }
+            .encode()
+            .into(),
+            ..Default::default()
+        }
+    }
+
+    /// A node that applies its own removal stops there, and publishes that index as applied,
+    /// not the index of the entries after it that it did not apply: a linearizable read
+    /// served meanwhile would take their absence for the current state.
+    #[tokio::test]
+    async fn own_removal_publishes_the_index_it_stopped_at() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut node, mut commit_rx) = bootstrapped(dir.path(), 2);
+        assert_eq!(node.applied, 2);
+        let mut cc = ConfChange::default();
+        cc.set_change_type(ConfChangeType::RemoveNode);
+        cc.node_id = 1;
+        let entries = vec![put_entry(3, 7), conf_change_entry(&cc, 4), put_entry(5, 8)];
+        node.apply_committed(entries).await.unwrap();
+        assert_eq!(node.exit, Some(Exit::Removed));
+        match commit_rx.try_recv() {
+            Ok(Apply::Entries { index, data, .. }) => {
+                assert_eq!(data.len(), 1, "only the PUT before the removal applies");
+                assert_eq!(index, 4, "published index");
+            }
+            other => panic!("expected entries, got {other:?}"),
+        }
+        assert_eq!(node.applied, 4);
+        node.publish_status();
+        assert_eq!(node.status.lock().unwrap().applied, 4);
     }
 
     /// raftexample's `TestProcessMessages`: an outgoing MsgSnapshot gets the node's current
