@@ -151,6 +151,11 @@ pub enum Command {
     },
 }
 
+/// Largest `--max-request-bytes`: a PUT's entry (value, key, encoding) must fit one WAL
+/// record, whose limit this leaves 1 MiB of room under (a key is at most what hyper accepts
+/// as a request head, well below that).
+pub const MAX_REQUEST_BYTES: usize = crate::wal::MAX_RECORD_LEN - (1 << 20);
+
 /// `--cluster-token` when none is given.
 pub const DEFAULT_CLUSTER_TOKEN: &str = "raftexample-cluster";
 
@@ -236,6 +241,13 @@ impl Config {
             return Err(Error::Config(
                 "--request-timeout-ms must be positive".into(),
             ));
+        }
+        if self.max_request_bytes > MAX_REQUEST_BYTES {
+            return Err(Error::Config(format!(
+                "--max-request-bytes must be at most {MAX_REQUEST_BYTES} (a PUT is one WAL \
+                 record, at most {} bytes)",
+                crate::wal::MAX_RECORD_LEN
+            )));
         }
         if self.max_snapshots == 0 {
             return Err(Error::Config("--max-snapshots must be at least 1".into()));
@@ -420,6 +432,23 @@ mod tests {
         assert!(c.validate().is_err());
         c.cluster_token = String::new();
         assert!(c.validate().is_err());
+    }
+
+    /// One PUT is one raft entry, which must fit one WAL record (and so one stream frame):
+    /// a larger limit would let a client write an entry the WAL refuses, which stops the node.
+    #[test]
+    fn request_limit_fits_a_wal_record() {
+        let base = [
+            "raftexample",
+            "--cluster",
+            "http://a:1",
+            "--max-request-bytes",
+        ];
+        let limit = MAX_REQUEST_BYTES.to_string();
+        let over = (crate::wal::MAX_RECORD_LEN).to_string();
+        let with = |n: &str| Config::parse_from(base.iter().copied().chain([n]));
+        assert!(with(&limit).validate().is_ok());
+        assert!(with(&over).validate().is_err());
     }
 
     #[test]

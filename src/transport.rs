@@ -25,7 +25,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -52,9 +52,15 @@ pub const FROM_HEADER: &str = "x-raftexample-from";
 const WRITE_STALL: Duration = Duration::from_secs(2);
 /// Opening a stream takes a connect and one HTTP exchange.
 const STREAM_OPEN: Duration = Duration::from_secs(2);
-/// Largest frame a stream accepts. Appends are capped at 1 MiB of entries by raft, but one
-/// entry may be as large as a client request; this only guards against garbage lengths.
-const MAX_FRAME: usize = 256 << 20;
+/// Largest frame a stream accepts. Appends and forwarded proposals are capped at 1 MiB of
+/// entries, but one entry may be as large as a client request (`--max-request-bytes`, which
+/// config validation keeps below a WAL record, 64 MiB); this only guards against garbage
+/// lengths.
+pub const MAX_FRAME: usize = 256 << 20;
+/// Largest `POST /raft` body: a batch with one snapshot, whose data the snapshot file format
+/// caps at 4 GiB (a u32 length), plus room for its metadata. Larger is refused with 413
+/// before any of it is read.
+pub const MAX_RAFT_BODY: u64 = u32::MAX as u64 + (1 << 20);
 
 /// Queue length per peer; beyond it messages are dropped (raft retransmits).
 const PEER_QUEUE: usize = 4096;
@@ -547,14 +553,13 @@ pub struct PeerState {
     pub logger: slog::Logger,
 }
 
-/// The `POST /raft` route. Snapshots can exceed axum's 2 MiB default body limit, hence none.
+/// The `POST /raft` route (bodies up to [`MAX_RAFT_BODY`]) and the stream route.
 pub fn router(state: PeerState) -> Router {
     let token = state.cluster_token.clone();
     let logger = state.logger.clone();
     let router = Router::new()
         .route("/raft", post(receive))
         .route(STREAM_PATH, post(receive_stream))
-        .layer(DefaultBodyLimit::disable())
         .with_state(state);
     require_cluster_token(router, token, &logger)
 }
@@ -600,7 +605,41 @@ async fn check_token(State(check): State<TokenCheck>, req: Request, next: Next) 
         .into_response()
 }
 
-async fn receive(State(st): State<PeerState>, body: Bytes) -> (StatusCode, &'static str) {
+async fn receive(State(st): State<PeerState>, req: Request) -> Response {
+    let too_large = || {
+        (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            // The rest of the body is not worth reading.
+            [(header::CONNECTION, "close")],
+            "raft message batch larger than any snapshot\n",
+        )
+            .into_response()
+    };
+    let announced = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > MAX_RAFT_BODY) {
+        return too_large();
+    }
+    let limit = usize::try_from(MAX_RAFT_BODY).unwrap_or(usize::MAX);
+    let body = match axum::body::to_bytes(req.into_body(), limit).await {
+        Ok(b) => b,
+        Err(e) => {
+            let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+            while let Some(c) = cause {
+                if c.is::<http_body_util::LengthLimitError>() {
+                    return too_large();
+                }
+                cause = c.source();
+            }
+            return (StatusCode::BAD_REQUEST, "cannot read the body\n").into_response();
+        }
+    };
+    receive_batch(st, body).await.into_response()
+}
+
+async fn receive_batch(st: PeerState, body: Bytes) -> (StatusCode, &'static str) {
     let msgs = match decode_batch(&body) {
         Ok(m) => m,
         Err(e) => {

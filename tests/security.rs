@@ -497,6 +497,49 @@ async fn a_body_that_never_arrives_gets_408() {
     assert_eq!(get(port, "slow").await.0, StatusCode::NOT_FOUND);
 }
 
+/// `POST /raft` is bounded: a body announced larger than the largest snapshot a node can
+/// write (4 GiB of data) gets 413 at once, before the node reads or buffers any of it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_raft_body_larger_than_any_snapshot_gets_413_at_once() {
+    let cluster = Cluster::start(1);
+    cluster.wait_leader().await;
+    let peer = cluster.node(1).peer_url.clone();
+    let port: u16 = peer
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("peer port");
+    let mut conn = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect to the peer port");
+    let head = format!(
+        "POST /raft HTTP/1.1\r\nHost: 127.0.0.1\r\n{CLUSTER_HEADER}: {DEFAULT_TOKEN}\r\n\
+         Content-Type: application/x-protobuf\r\nContent-Length: {}\r\n\r\n",
+        5u64 << 30
+    );
+    conn.write_all(head.as_bytes())
+        .await
+        .expect("send the head");
+    conn.write_all(&[0; 1024])
+        .await
+        .expect("send the start of the body");
+    let mut answer = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut answer))
+        .await
+        .expect("no answer within 5 s: the node waits for the 5 GiB body")
+        .expect("read the answer");
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(
+        answer.starts_with("HTTP/1.1 413"),
+        "unexpected answer: {answer:?}"
+    );
+    // The node is unharmed.
+    assert_eq!(
+        put(cluster.node(1).client_port, "k", "v").await,
+        StatusCode::NO_CONTENT
+    );
+}
+
 // ----- TLS
 
 /// A CA (or a certificate signed by one) written as PEM files in the test's directory.
