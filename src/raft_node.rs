@@ -172,6 +172,17 @@ fn entry_writes(e: &Entry) -> u64 {
 
 /// Encoded PUTs packed into one entry; a batch larger than this continues in the next one.
 const ENTRY_BYTES: usize = 256 << 10;
+/// Largest `MsgPropose` stepped at once (an entry larger than this goes alone), which is also
+/// raft's cap on the entries of one `MsgAppend`: on a follower the message is forwarded whole
+/// to the leader, and one stream frame must carry it (see `transport::MAX_FRAME`) without
+/// holding up the heartbeats behind it for long.
+const PROPOSE_BYTES: usize = 1 << 20;
+// A message holds at most PROPOSE_BYTES of entries, or one entry, which is no larger than a
+// WAL record (see `config::MAX_REQUEST_BYTES`); either fits a frame.
+const _: () = assert!(
+    PROPOSE_BYTES < crate::transport::MAX_FRAME
+        && crate::wal::MAX_RECORD_LEN + (1 << 20) < crate::transport::MAX_FRAME
+);
 
 /// Proposals waiting to be proposed as one batch, and the ids of the local ones, reported to
 /// the kvstore if raft drops them (entries forwarded by followers have none: their proposer
@@ -187,6 +198,9 @@ struct Held {
     /// Local proposals and forwarded entries held, which bounds the batch.
     count: usize,
     ids: Vec<u64>,
+    /// How many of `ids` each of `entries` carries, and how many `packing` does.
+    entry_ids: Vec<usize>,
+    packing_ids: usize,
 }
 
 impl Held {
@@ -200,13 +214,16 @@ impl Held {
             self.packing.extend_from_slice(&p.data);
         }
         self.ids.push(p.id);
+        self.packing_ids += 1;
         self.count += 1;
     }
 
     fn forwarded(&mut self, entries: impl IntoIterator<Item = Entry>) {
-        let before = self.entries.len();
-        self.entries.extend(entries);
-        self.count += self.entries.len() - before;
+        for e in entries {
+            self.entries.push(e);
+            self.entry_ids.push(0);
+            self.count += 1;
+        }
     }
 
     fn seal(&mut self) {
@@ -220,6 +237,7 @@ impl Held {
             data: data.into(),
             ..Default::default()
         });
+        self.entry_ids.push(std::mem::take(&mut self.packing_ids));
     }
 }
 
@@ -457,7 +475,7 @@ impl RaftNode {
             election_tick: 10,
             heartbeat_tick: 1,
             applied,
-            max_size_per_msg: 1024 * 1024,
+            max_size_per_msg: PROPOSE_BYTES as u64,
             max_inflight_msgs: 256,
             // Entries appended while a MsgAppend to a peer is still in the Ready join it: one
             // message (and one response) per peer per Ready.
@@ -717,25 +735,57 @@ impl RaftNode {
             || self.held.count >= DRAIN
     }
 
-    /// Proposes everything held as one `MsgPropose` (what `RawNode::propose` builds, with many
-    /// entries instead of one), so raft appends and replicates them together and a follower
-    /// forwards them to the leader in one message. Returns what to tell the kvstore if raft
-    /// dropped them.
+    /// Proposes everything held in `MsgPropose`s of up to [`PROPOSE_BYTES`] (what
+    /// `RawNode::propose` builds, with many entries instead of one), so raft appends and
+    /// replicates them together and a follower forwards them to the leader in few messages.
+    /// Returns what to tell the kvstore about the PUTs of the messages raft dropped.
     fn propose(&mut self) -> Option<Apply> {
         if self.held.count == 0 {
             return None;
         }
         self.held.seal();
-        let Held { entries, ids, .. } = std::mem::take(&mut self.held);
-        let mut m = Message::default();
-        m.set_msg_type(MessageType::MsgPropose);
-        m.from = self.id;
-        m.set_entries(entries.into());
-        let res = self.node.step(m);
-        crate::metrics::proposals(res.is_ok(), ids.len());
-        res.err().map(|e| Apply::Dropped {
+        let Held {
+            entries,
             ids,
-            reason: e.to_string(),
+            entry_ids,
+            ..
+        } = std::mem::take(&mut self.held);
+        let mut ids = ids.into_iter();
+        let mut dropped = Vec::new();
+        let mut reason = String::new();
+        let mut chunk = Vec::new();
+        let (mut chunk_ids, mut chunk_bytes) = (0, 0);
+        let mut entries = entries.into_iter().zip(entry_ids).peekable();
+        while let Some((e, n)) = entries.next() {
+            // The entry's own bytes plus its tag and length in the message.
+            chunk_bytes += e.compute_size() as usize + 6;
+            chunk_ids += n;
+            chunk.push(e);
+            let next_fits = entries
+                .peek()
+                .is_some_and(|(e, _)| chunk_bytes + e.compute_size() as usize + 6 <= PROPOSE_BYTES);
+            if next_fits {
+                continue;
+            }
+            let mut m = Message::default();
+            m.set_msg_type(MessageType::MsgPropose);
+            m.from = self.id;
+            m.set_entries(std::mem::take(&mut chunk).into());
+            let res = self.node.step(m);
+            crate::metrics::proposals(res.is_ok(), chunk_ids);
+            let these = ids.by_ref().take(chunk_ids);
+            match res {
+                Ok(()) => these.for_each(drop),
+                Err(e) => {
+                    dropped.extend(these);
+                    reason = e.to_string();
+                }
+            }
+            (chunk_ids, chunk_bytes) = (0, 0);
+        }
+        (!dropped.is_empty()).then_some(Apply::Dropped {
+            ids: dropped,
+            reason,
         })
     }
 
@@ -1552,6 +1602,80 @@ mod tests {
         assert_eq!(node.applied, 4);
         node.publish_status();
         assert_eq!(node.status.lock().unwrap().applied, 4);
+    }
+
+    /// A follower forwards what it holds to the leader in messages of at most
+    /// [`PROPOSE_BYTES`] (one entry larger than that goes alone), every PUT once and in
+    /// order: one message of everything would exceed what the leader's stream accepts in one
+    /// frame, and the leader would close the stream and lose them all.
+    #[tokio::test]
+    async fn forwarded_proposals_are_split_into_bounded_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut node, _commit_rx) = bootstrapped(dir.path(), 2);
+        // Node 2 leads at term 2.
+        let mut hb = Message::default();
+        hb.set_msg_type(MessageType::MsgHeartbeat);
+        (hb.from, hb.to, hb.term, hb.commit) = (2, 1, 2, 2);
+        node.step(hb);
+        assert_eq!(node.node.raft.leader_id, 2);
+        let value = vec![7u8; 200 << 10];
+        for id in 0..24 {
+            let data = crate::kvstore::Put {
+                id,
+                key: b"/k",
+                value: &value,
+            }
+            .encode();
+            node.held.push(Proposal { id, data });
+        }
+        node.held.forwarded([put_entry(0, 99)]);
+        assert!(node.propose().is_none(), "nothing dropped");
+        let mut rd = node.node.ready();
+        let mut msgs = rd.take_messages();
+        msgs.extend(rd.take_persisted_messages());
+        let proposals: Vec<&Message> = msgs
+            .iter()
+            .filter(|m| m.get_msg_type() == MessageType::MsgPropose)
+            .collect();
+        assert!(proposals.len() > 1, "one message of ~5 MB");
+        for m in &proposals {
+            assert_eq!(m.to, 2);
+            let size = m.compute_size() as usize;
+            assert!(size <= PROPOSE_BYTES + 64, "a message of {size} bytes");
+        }
+        let mut got: Vec<u64> = Vec::new();
+        for e in proposals.iter().flat_map(|m| m.entries.iter()) {
+            let puts = crate::kvstore::decode_puts(&e.data).unwrap();
+            assert!(puts
+                .iter()
+                .all(|p| p.value.len() == 200 << 10 || p.id == 99));
+            got.extend(puts.iter().map(|p| p.id));
+        }
+        // The forwarded entry goes with the entries sealed before it.
+        let mut want: Vec<u64> = (0..23).collect();
+        want.extend([99, 23]);
+        assert_eq!(got, want, "every PUT arrives once, in order");
+    }
+
+    /// Proposals raft refuses (no leader known) are all reported, by id, in every message.
+    #[tokio::test]
+    async fn refused_proposals_are_reported_by_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut node, _commit_rx) = bootstrapped(dir.path(), 2);
+        let value = vec![7u8; 200 << 10];
+        for id in 0..24 {
+            let data = crate::kvstore::Put {
+                id,
+                key: b"/k",
+                value: &value,
+            }
+            .encode();
+            node.held.push(Proposal { id, data });
+        }
+        match node.propose() {
+            Some(Apply::Dropped { ids, .. }) => assert_eq!(ids, (0..24).collect::<Vec<_>>()),
+            other => panic!("expected a drop report, got {other:?}"),
+        }
     }
 
     /// raftexample's `TestProcessMessages`: an outgoing MsgSnapshot gets the node's current
