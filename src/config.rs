@@ -156,6 +156,10 @@ pub enum Command {
 /// as a request head, well below that).
 pub const MAX_REQUEST_BYTES: usize = crate::wal::MAX_RECORD_LEN - (1 << 20);
 
+/// Largest node id: request ids carry the proposer's id in their top 16 bits
+/// ([`crate::kvstore::IdGen`]).
+pub const MAX_NODE_ID: u64 = 0xffff;
+
 /// `--cluster-token` when none is given.
 pub const DEFAULT_CLUSTER_TOKEN: &str = "raftexample-cluster";
 
@@ -232,6 +236,11 @@ impl Config {
                 "--id {} is not a position in --cluster (1..={})",
                 self.id,
                 peers.len()
+            )));
+        }
+        if self.id > MAX_NODE_ID {
+            return Err(Error::Config(format!(
+                "--id must be at most {MAX_NODE_ID} (request ids hold it in 16 bits)"
             )));
         }
         if self.snapshot_count == 0 {
@@ -458,6 +467,19 @@ mod tests {
         c.id = 3;
         assert!(c.validate().is_err());
         c.id = 0;
+        assert!(c.validate().is_err());
+    }
+
+    /// Request ids keep the node id in 16 bits: ids 1 and 65537 would share their ids.
+    #[test]
+    fn id_must_fit_request_ids() {
+        let urls: Vec<String> = (0..=MAX_NODE_ID)
+            .map(|i| format!("http://h{i}:1"))
+            .collect();
+        let mut c = Config::parse_from(["raftexample", "--cluster", &urls.join(",")]);
+        c.id = MAX_NODE_ID;
+        assert!(c.validate().is_ok());
+        c.id = MAX_NODE_ID + 1;
         assert!(c.validate().is_err());
     }
 }

@@ -174,7 +174,11 @@ pub async fn run(
     let (propose_tx, propose_rx) = mpsc::channel(CHANNEL);
     let (conf_change_tx, conf_change_rx) = mpsc::channel(16);
     let (read_tx, read_rx) = mpsc::channel(CHANNEL);
-    let kv = KvStore::new(cfg.id, propose_tx, &logger);
+    let nonce = nonce::boot_nonce().map_err(|e| Error::Io {
+        context: "cannot read a boot nonce from /dev/urandom".into(),
+        source: e,
+    })?;
+    let kv = KvStore::new(cfg.id, nonce, propose_tx, &logger);
     // Raft outlives the client API during shutdown so that in-flight requests can finish.
     let raft_stop = CancellationToken::new();
     let snap_kv = kv.clone();
