@@ -284,6 +284,8 @@ pub struct RaftNode {
     snapshot_count: u64,
     catchup_entries: u64,
     max_snapshots: usize,
+    /// Throttles the warning about malformed peer messages.
+    peer_warn: crate::server::Throttle,
     logger: slog::Logger,
 }
 
@@ -351,6 +353,55 @@ pub fn process_messages(msgs: &mut [Message], cs: &ConfState) {
             m.mut_snapshot().mut_metadata().set_conf_state(cs.clone());
         }
     }
+}
+
+/// What raft-rs trusts in a peer's message and would panic on (or corrupt its log with) if it
+/// were wrong. A well-behaved peer never sends such a message; a confused or hostile one must
+/// not take the node down. `m` may be repaired in place.
+fn check_peer_message(
+    raft: &raft::Raft<RaftStorage>,
+    m: &mut Message,
+) -> std::result::Result<(), &'static str> {
+    if m.to != raft.id {
+        return Err("addressed to another node");
+    }
+    if m.from == raft.id || m.from == raft::INVALID_ID {
+        return Err("claims to come from this node or from no node");
+    }
+    let log = &raft.raft_log;
+    match m.get_msg_type() {
+        MessageType::MsgHeartbeat if m.commit > log.last_index() => {
+            // A leader sends at most what this node acknowledged. Keep the heartbeat (it
+            // still says who leads), not its commit index.
+            m.commit = log.committed;
+        }
+        MessageType::MsgReadIndex | MessageType::MsgReadIndexResp if m.entries.len() != 1 => {
+            return Err("a read index message without exactly one context");
+        }
+        MessageType::MsgAppend => {
+            let mut term = m.log_term;
+            for (i, e) in m.entries.iter().enumerate() {
+                if e.index != m.index + 1 + i as u64 || e.term < term || e.term > m.term {
+                    return Err("an append whose entries do not follow its index and term");
+                }
+                term = e.term;
+            }
+        }
+        MessageType::MsgSnapshot if decode_snapshot_data(&m.get_snapshot().data).is_err() => {
+            return Err("a snapshot whose payload does not decode");
+        }
+        // Followers forward PUTs only; membership changes go by /conf-change.
+        MessageType::MsgPropose
+            if m.entries.is_empty()
+                || m.entries
+                    .iter()
+                    .any(|e| e.get_entry_type() != EntryType::EntryNormal || e.data.is_empty()) =>
+        {
+            return Err("a forwarded proposal that is empty or not all PUTs");
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 impl RaftNode {
@@ -545,6 +596,7 @@ impl RaftNode {
             snapshot_count: cfg.snapshot_count,
             catchup_entries: cfg.snapshot_catchup_entries,
             max_snapshots: cfg.max_snapshots,
+            peer_warn: crate::server::Throttle::new(Duration::from_secs(10)),
             logger: logger.clone(),
         })
     }
@@ -697,6 +749,17 @@ impl RaftNode {
     }
 
     fn step(&mut self, mut m: Message) {
+        if let Err(why) = check_peer_message(&self.node.raft, &mut m) {
+            if self.peer_warn.ready() {
+                slog::warn!(self.logger, "dropped a malformed peer message (more are logged at \
+                    debug level for 10 s)"; "why" => why, "from" => m.from,
+                    "type" => ?m.get_msg_type());
+            } else {
+                slog::debug!(self.logger, "dropped a malformed peer message"; "why" => why,
+                    "from" => m.from, "type" => ?m.get_msg_type());
+            }
+            return;
+        }
         if m.get_msg_type() == MessageType::MsgPropose && self.node.raft.state == StateRole::Leader
         {
             // Proposals a follower forwarded join the leader's own batch.
@@ -1480,7 +1543,7 @@ mod tests {
         nodes
     }
 
-    fn read(
+    fn read_on(
         nodes: &mut BTreeMap<u64, (RawNode<RaftStorage>, ReadBatcher)>,
         id: u64,
     ) -> oneshot::Receiver<Result<u64, ReadError>> {
@@ -1498,9 +1561,9 @@ mod tests {
     fn reads_of_two_followers_do_not_collide() {
         // Same nonce on purpose: the node id alone keeps contexts apart.
         let mut nodes = elected(7);
-        let mut r2 = read(&mut nodes, 2);
-        let mut r3 = read(&mut nodes, 3);
-        let mut r1 = read(&mut nodes, 1);
+        let mut r2 = read_on(&mut nodes, 2);
+        let mut r3 = read_on(&mut nodes, 3);
+        let mut r1 = read_on(&mut nodes, 1);
         pump(&mut nodes);
         let commit = nodes[&1].0.raft.raft_log.committed;
         assert_eq!(r2.try_recv().ok(), Some(Ok(commit)), "node 2's read");
@@ -1513,7 +1576,7 @@ mod tests {
     #[test]
     fn answers_for_a_previous_boot_are_ignored() {
         let mut nodes = elected(1);
-        let _old = read(&mut nodes, 2);
+        let _old = read_on(&mut nodes, 2);
         let states = pump(&mut nodes);
         let old: Vec<ReadState> = states
             .into_iter()
@@ -1524,7 +1587,7 @@ mod tests {
         // Node 2 restarts (a new boot nonce) and issues its first round; the old answer is
         // delivered late.
         nodes.get_mut(&2).unwrap().1 = batcher(2, 2);
-        let mut fresh = read(&mut nodes, 2);
+        let mut fresh = read_on(&mut nodes, 2);
         nodes.get_mut(&2).unwrap().1.resolve(old);
         assert!(
             fresh.try_recv().is_err(),
@@ -1676,6 +1739,64 @@ mod tests {
             Some(Apply::Dropped { ids, .. }) => assert_eq!(ids, (0..24).collect::<Vec<_>>()),
             other => panic!("expected a drop report, got {other:?}"),
         }
+    }
+
+    fn heartbeat(from: u64, to: u64, term: u64, commit: u64) -> Message {
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgHeartbeat);
+        (m.from, m.to, m.term, m.commit) = (from, to, term, commit);
+        m
+    }
+
+    /// Steps `m` into `n` as the raft task does: only if it passes the check.
+    fn step_checked(n: &mut RawNode<RaftStorage>, mut m: Message) -> bool {
+        let ok = check_peer_message(&n.raft, &mut m).is_ok();
+        if ok {
+            let _ = n.step(m);
+        }
+        ok
+    }
+
+    /// No peer input panics raft (each of these did, in raft-rs): a heartbeat claiming a commit
+    /// index beyond this node's log ("to_commit out of range"), from a member or from an id
+    /// that is no member; a ReadIndex request without its context (an index out of bounds);
+    /// an append whose entries do not follow its index ("conflict with committed entry").
+    /// Well-formed messages still pass, and the cluster keeps working.
+    #[test]
+    fn peer_input_cannot_panic_raft() {
+        let mut nodes = elected(1);
+        let (term, committed) = (nodes[&2].0.raft.term, nodes[&2].0.raft.raft_log.committed);
+        let f = &mut nodes.get_mut(&2).unwrap().0;
+        step_checked(f, heartbeat(99, 2, term, 1_000_000));
+        step_checked(f, heartbeat(1, 2, term, 1_000_000));
+        assert_eq!(f.raft.raft_log.committed, committed);
+        let mut app = Message::default();
+        app.set_msg_type(MessageType::MsgAppend);
+        (app.from, app.to, app.term) = (1, 2, term);
+        (app.index, app.log_term) = (committed, term);
+        app.entries = vec![Entry {
+            index: 1,
+            term: term + 1,
+            ..Default::default()
+        }]
+        .into();
+        assert!(!step_checked(f, app));
+        let l = &mut nodes.get_mut(&1).unwrap().0;
+        let mut read = Message::default();
+        read.set_msg_type(MessageType::MsgReadIndex);
+        (read.from, read.to, read.term) = (2, 1, term);
+        assert!(!step_checked(l, read));
+        assert!(
+            step_checked(l, heartbeat(2, 1, 0, 0)),
+            "a harmless message passes"
+        );
+        pump(&mut nodes);
+        let mut r = read_on(&mut nodes, 3);
+        pump(&mut nodes);
+        assert!(
+            matches!(r.try_recv(), Ok(Ok(_))),
+            "the cluster still answers reads"
+        );
     }
 
     /// raftexample's `TestProcessMessages`: an outgoing MsgSnapshot gets the node's current

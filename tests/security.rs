@@ -275,6 +275,53 @@ async fn messages_from_a_removed_member_get_410() {
     );
 }
 
+/// Peer messages that made raft-rs panic (a heartbeat claiming a commit index beyond the
+/// receiver's log, from a member and from a stranger; a ReadIndex request without its
+/// context) are dropped or repaired: both nodes stay up and the cluster keeps committing.
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_peer_messages_do_not_crash_a_node() {
+    let cluster = Cluster::start(3);
+    let leader = cluster.wait_leader().await;
+    let follower = if leader == 1 { 2 } else { 1 };
+    let (lpeer, fpeer) = (
+        cluster.node(leader).peer_url.clone(),
+        cluster.node(follower).peer_url.clone(),
+    );
+    let (term, ..) = raft_state(&status(&fpeer).await.expect("status"));
+    let hb = |from: u64| {
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgHeartbeat);
+        (m.from, m.to, m.term, m.commit) = (from, follower, term, 1 << 40);
+        m
+    };
+    let batch = raftexample::transport::encode_batch(&[hb(99), hb(leader)]);
+    assert_eq!(
+        peer_post(&fpeer, "/raft", Some(DEFAULT_TOKEN), batch).await,
+        StatusCode::NO_CONTENT
+    );
+    let mut read = Message::default();
+    read.set_msg_type(MessageType::MsgReadIndex);
+    (read.from, read.to, read.term) = (follower, leader, term);
+    let batch = raftexample::transport::encode_batch(&[read]);
+    assert_eq!(
+        peer_post(&lpeer, "/raft", Some(DEFAULT_TOKEN), batch).await,
+        StatusCode::NO_CONTENT
+    );
+    let fport = cluster.node(follower).client_port;
+    let lport = cluster.node(leader).client_port;
+    wait_until(TIMEOUT, "a write is served by the follower", || async {
+        put(lport, "k", "v").await == StatusCode::NO_CONTENT
+            && common::serves(fport, "k", "v").await
+    })
+    .await;
+    for id in [leader, follower] {
+        assert!(
+            !cluster.node(id).log().contains("panicked"),
+            "node {id} panicked"
+        );
+    }
+}
+
 /// Bad security settings are one-line errors and a non-zero exit, before the node serves:
 /// certificate files that do not exist or hold no PEM, an `https://` peer URL without the peer
 /// TLS flags, `http://` peer URLs with them, and a token that cannot be a header. (Half a set
