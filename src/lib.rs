@@ -18,6 +18,7 @@
 //!
 //! [`run`] wires them together; one [`CancellationToken`] stops the daemon.
 
+pub mod cluster_id;
 pub mod config;
 pub mod dump;
 pub mod error;
@@ -83,7 +84,8 @@ pub fn start_raft(
     logger: &slog::Logger,
     stop: CancellationToken,
 ) -> Result<RaftHandle> {
-    let peer_client = peer_client::PeerClient::from_config(cfg)?;
+    let cluster_id = cluster_id::ClusterId::from_config(cfg, logger)?;
+    let peer_client = peer_client::PeerClient::from_config(cfg, cluster_id.clone())?;
     // The token this node sends is the one it requires.
     let cluster_token = peer_client.cluster_token();
     let (raft_msg_tx, raft_msg_rx) = mpsc::channel(CHANNEL);
@@ -143,6 +145,7 @@ pub fn start_raft(
         raft_msg_tx,
         removed,
         cluster_token,
+        cluster_id,
         stop: network_stop.clone(),
         logger: logger.new(slog::o!("component" => "peer-http")),
     });
@@ -215,6 +218,7 @@ pub async fn run(
         .merge(transport::require_cluster_token(
             http_api::forwarded_router(api.clone()),
             api.peers.cluster_token(),
+            api.peers.cluster_id(),
             &logger,
         ));
     let peer_server = tokio::spawn(server::serve(

@@ -98,6 +98,9 @@ pub struct NodeStatus {
     pub kv_applied: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kv_hash: Option<String>,
+    /// See [`crate::cluster_id`]; absent while this node has not learnt it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_id: Option<String>,
 }
 
 /// Snapshot payload: the membership the log no longer holds after compaction, and the map.
@@ -284,6 +287,7 @@ pub struct RaftNode {
     snapshot_count: u64,
     catchup_entries: u64,
     max_snapshots: usize,
+    cluster_id: crate::cluster_id::ClusterId,
     /// Throttles the warning about malformed peer messages.
     peer_warn: crate::server::Throttle,
     logger: slog::Logger,
@@ -596,6 +600,7 @@ impl RaftNode {
             snapshot_count: cfg.snapshot_count,
             catchup_entries: cfg.snapshot_catchup_entries,
             max_snapshots: cfg.max_snapshots,
+            cluster_id: shared.peer_client.cluster_id(),
             peer_warn: crate::server::Throttle::new(Duration::from_secs(10)),
             logger: logger.clone(),
         })
@@ -1293,6 +1298,9 @@ impl RaftNode {
         st.term = raft.term;
         st.commit = raft.raft_log.committed;
         st.applied = self.applied;
+        if st.cluster_id.is_none() {
+            st.cluster_id = self.cluster_id.get().map(crate::cluster_id::format);
+        }
         crate::metrics::indexes(st.commit, st.applied);
         if self.members_changed {
             st.members = self.members.clone();
@@ -1618,7 +1626,11 @@ mod tests {
             status: Default::default(),
             report_tx,
             shutdown: CancellationToken::new(),
-            peer_client: crate::peer_client::PeerClient::from_config(&cfg).unwrap(),
+            peer_client: crate::peer_client::PeerClient::from_config(
+                &cfg,
+                crate::cluster_id::ClusterId::unknown(cfg.wal_dir()),
+            )
+            .unwrap(),
         };
         let get_snapshot: GetSnapshot =
             Box::new(|| Box::new(crate::kvstore::Captured(crate::kvstore::Map::new())));

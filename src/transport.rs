@@ -39,6 +39,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster_id::{self, Admit, ClusterId};
 use crate::peer_client::{PeerClient, PeerError, CLUSTER_HEADER};
 use crate::server::Throttle;
 
@@ -282,7 +283,8 @@ struct PeerSender {
     stream_endpoint: String,
     client: PeerClient,
     report_tx: mpsc::UnboundedSender<Report>,
-    /// Set while the peer answers 412, so that a token mismatch is logged once, not per batch.
+    /// Set while the peer answers 412, so that a token or cluster id mismatch is logged once,
+    /// not per batch.
     token_rejected: bool,
     #[cfg(feature = "fault-injection")]
     faults: Option<Arc<crate::faults::Faults>>,
@@ -447,8 +449,9 @@ impl PeerSender {
         if rejected && !self.token_rejected {
             slog::warn!(
                 self.logger,
-                "peer rejects this node's cluster token (412): is \
-                --cluster-token the same on every member?"
+                "peer rejects this node's cluster token or cluster id (412): is \
+                --cluster-token the same on every member, and is the peer a member of this \
+                cluster (its --cluster list may name ours by mistake)?"
             );
         }
         self.token_rejected = rejected;
@@ -548,6 +551,8 @@ pub struct PeerState {
     pub removed: Arc<RwLock<HashSet<u64>>>,
     /// `--cluster-token`: requests without it get 412.
     pub cluster_token: HeaderValue,
+    /// Requests from another cluster get 412 (see [`crate::cluster_id`]).
+    pub cluster_id: ClusterId,
     /// Ends the streams being received.
     pub stop: CancellationToken,
     pub logger: slog::Logger,
@@ -556,28 +561,37 @@ pub struct PeerState {
 /// The `POST /raft` route (bodies up to [`MAX_RAFT_BODY`]) and the stream route.
 pub fn router(state: PeerState) -> Router {
     let token = state.cluster_token.clone();
+    let id = state.cluster_id.clone();
     let logger = state.logger.clone();
     let router = Router::new()
         .route("/raft", post(receive))
         .route(STREAM_PATH, post(receive_stream))
         .with_state(state);
-    require_cluster_token(router, token, &logger)
+    require_cluster_token(router, token, id, &logger)
 }
 
 #[derive(Clone)]
 struct TokenCheck {
     token: HeaderValue,
+    cluster_id: ClusterId,
     /// A misconfigured peer retries many times a second: log its mismatch now and then.
     warn: Arc<Throttle>,
     logger: slog::Logger,
 }
 
 /// Answers 412 to any request on `router`'s routes that does not carry `token` in
-/// `X-Raftexample-Cluster`, before its body is read, so its messages never reach raft.
-/// Routes added to the returned router later are not checked (`/status` and friends).
-pub fn require_cluster_token(router: Router, token: HeaderValue, logger: &slog::Logger) -> Router {
+/// `X-Raftexample-Cluster`, or that carries another cluster id than `cluster_id` (learning
+/// it if unknown), before its body is read, so its messages never reach raft. Routes added
+/// to the returned router later are not checked (`/status` and friends).
+pub fn require_cluster_token(
+    router: Router,
+    token: HeaderValue,
+    cluster_id: ClusterId,
+    logger: &slog::Logger,
+) -> Router {
     let check = TokenCheck {
         token,
+        cluster_id,
         warn: Arc::new(Throttle::new(Duration::from_secs(10))),
         logger: logger.clone(),
     };
@@ -589,7 +603,13 @@ async fn check_token(State(check): State<TokenCheck>, req: Request, next: Next) 
     // comparison will do.
     let got = req.headers().get(CLUSTER_HEADER);
     if got == Some(&check.token) {
-        return next.run(req).await;
+        return match req.headers().get(cluster_id::HEADER) {
+            None => next.run(req).await,
+            Some(v) => match cluster_id::parse(v.as_bytes()) {
+                Some(theirs) => check_cluster_id(&check, theirs, req, next).await,
+                None => (StatusCode::BAD_REQUEST, "malformed cluster id\n").into_response(),
+            },
+        };
     }
     if check.warn.ready() {
         slog::warn!(check.logger, "rejected peer request with another cluster token";
@@ -603,6 +623,44 @@ async fn check_token(State(check): State<TokenCheck>, req: Request, next: Next) 
         "cluster token mismatch: this request is for another cluster\n",
     )
         .into_response()
+}
+
+async fn check_cluster_id(check: &TokenCheck, theirs: u64, req: Request, next: Next) -> Response {
+    match check.cluster_id.admit(theirs) {
+        Admit::Same => {}
+        Admit::Learned => {
+            let id = check.cluster_id.clone();
+            let stored = tokio::task::spawn_blocking(move || id.store()).await;
+            slog::info!(check.logger, "learnt the cluster id from a peer";
+                "cluster_id" => cluster_id::format(theirs),
+                "from" => req.headers().get(FROM_HEADER)
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()));
+            match stored {
+                Ok(Ok(())) => {}
+                // Kept in memory; the next start learns it again.
+                Ok(Err(e)) => slog::warn!(check.logger, "cannot store the cluster id";
+                    "error" => %e),
+                Err(e) => slog::warn!(check.logger, "cannot store the cluster id";
+                    "error" => %e),
+            }
+        }
+        Admit::Foreign { ours } => {
+            if check.warn.ready() {
+                slog::warn!(check.logger, "rejected peer request from another cluster";
+                    "path" => req.uri().path(),
+                    "cluster_id" => cluster_id::format(theirs),
+                    "ours" => cluster_id::format(ours),
+                    "from" => req.headers().get(FROM_HEADER)
+                        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()));
+            }
+            return (
+                StatusCode::PRECONDITION_FAILED,
+                "cluster id mismatch: this request is from a member of another cluster\n",
+            )
+                .into_response();
+        }
+    }
+    next.run(req).await
 }
 
 async fn receive(State(st): State<PeerState>, req: Request) -> Response {
