@@ -325,7 +325,8 @@ pub enum PutError {
 /// point drawn from this boot's nonce. Not the clock: one stepped back would start the counter
 /// where an earlier boot's ids ran, and an entry of that boot replayed at startup would then
 /// answer a new PUT with the same id. Two boots' ids meet only if their ranges overlap
-/// somewhere in 2^48, about (ids of both) / 2^48: one in ten million for ten million each.
+/// somewhere in 2^48, about (ids of both) / 2^48: under one in ten million for ten million
+/// ids each.
 #[derive(Debug)]
 pub struct IdGen {
     base: u64,
