@@ -156,6 +156,15 @@ pub enum Command {
     },
 }
 
+/// Largest `--max-request-bytes`: a PUT's entry (value, key, encoding) must fit one WAL
+/// record, whose limit this leaves 1 MiB of room under (a key is at most what hyper accepts
+/// as a request head, well below that).
+pub const MAX_REQUEST_BYTES: usize = crate::wal::MAX_RECORD_LEN - (1 << 20);
+
+/// Largest node id: request ids carry the proposer's id in their top 16 bits
+/// ([`crate::kvstore::IdGen`]).
+pub const MAX_NODE_ID: u64 = 0xffff;
+
 /// `--cluster-token` when none is given.
 pub const DEFAULT_CLUSTER_TOKEN: &str = "raftexample-cluster";
 
@@ -234,6 +243,11 @@ impl Config {
                 peers.len()
             )));
         }
+        if self.id > MAX_NODE_ID {
+            return Err(Error::Config(format!(
+                "--id must be at most {MAX_NODE_ID} (request ids hold it in 16 bits)"
+            )));
+        }
         if self.snapshot_count == 0 {
             return Err(Error::Config("--snapshot-count must be positive".into()));
         }
@@ -241,6 +255,13 @@ impl Config {
             return Err(Error::Config(
                 "--request-timeout-ms must be positive".into(),
             ));
+        }
+        if self.max_request_bytes > MAX_REQUEST_BYTES {
+            return Err(Error::Config(format!(
+                "--max-request-bytes must be at most {MAX_REQUEST_BYTES} (a PUT is one WAL \
+                 record, at most {} bytes)",
+                crate::wal::MAX_RECORD_LEN
+            )));
         }
         if self.max_snapshots == 0 {
             return Err(Error::Config("--max-snapshots must be at least 1".into()));
@@ -427,6 +448,23 @@ mod tests {
         assert!(c.validate().is_err());
     }
 
+    /// One PUT is one raft entry, which must fit one WAL record (and so one stream frame):
+    /// a larger limit would let a client write an entry the WAL refuses, which stops the node.
+    #[test]
+    fn request_limit_fits_a_wal_record() {
+        let base = [
+            "raftexample",
+            "--cluster",
+            "http://a:1",
+            "--max-request-bytes",
+        ];
+        let limit = MAX_REQUEST_BYTES.to_string();
+        let over = (crate::wal::MAX_RECORD_LEN).to_string();
+        let with = |n: &str| Config::parse_from(base.iter().copied().chain([n]));
+        assert!(with(&limit).validate().is_ok());
+        assert!(with(&over).validate().is_err());
+    }
+
     #[test]
     fn id_must_index_cluster() {
         let mut c = Config::parse_from(["raftexample", "--cluster", "http://a:1,http://b:2"]);
@@ -434,6 +472,19 @@ mod tests {
         c.id = 3;
         assert!(c.validate().is_err());
         c.id = 0;
+        assert!(c.validate().is_err());
+    }
+
+    /// Request ids keep the node id in 16 bits: ids 1 and 65537 would share their ids.
+    #[test]
+    fn id_must_fit_request_ids() {
+        let urls: Vec<String> = (0..=MAX_NODE_ID)
+            .map(|i| format!("http://h{i}:1"))
+            .collect();
+        let mut c = Config::parse_from(["raftexample", "--cluster", &urls.join(",")]);
+        c.id = MAX_NODE_ID;
+        assert!(c.validate().is_ok());
+        c.id = MAX_NODE_ID + 1;
         assert!(c.validate().is_err());
     }
 }

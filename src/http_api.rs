@@ -17,7 +17,7 @@ use raft::prelude::{ConfChange, ConfChangeType};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::config::{peer_scheme, PeerUrl};
+use crate::config::{peer_scheme, PeerUrl, MAX_NODE_ID};
 use crate::kvstore::{KvStore, PutError};
 use crate::peer_client::PeerClient;
 use crate::raft_node::{ConfChangeError, ConfChangeRequest, NodeStatus, ReadRequest};
@@ -160,8 +160,10 @@ async fn handle(
 fn parse_node_id(path: &str) -> Result<u64, ApiError> {
     path.strip_prefix('/')
         .and_then(|s| s.parse::<u64>().ok())
-        .filter(|id| *id > 0)
-        .ok_or_else(|| ApiError::BadRequest("node id must be a positive integer".into()))
+        .filter(|id| (1..=MAX_NODE_ID).contains(id))
+        .ok_or_else(|| {
+            ApiError::BadRequest(format!("node id must be an integer in 1..={MAX_NODE_ID}"))
+        })
 }
 
 /// ReadIndex (shared with concurrent readers), then wait until the map has applied that index.
@@ -296,7 +298,8 @@ mod tests {
     #[test]
     fn node_ids() {
         assert_eq!(parse_node_id("/4").unwrap(), 4);
-        for bad in ["/0", "/-1", "/x", "/4/5", "/", "/1.5"] {
+        assert_eq!(parse_node_id("/65535").unwrap(), 65535);
+        for bad in ["/0", "/-1", "/x", "/4/5", "/", "/1.5", "/65536"] {
             assert!(parse_node_id(bad).is_err(), "{bad}");
         }
     }

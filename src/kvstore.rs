@@ -11,7 +11,6 @@ use std::collections::HashMap;
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -321,28 +320,32 @@ pub enum PutError {
     Unknown(String),
 }
 
-/// Generates request ids that do not repeat across restarts of this node: the high bits are
-/// the node id, the rest a counter seeded from the clock at start.
+/// Generates request ids that do not repeat across nodes or boots: the top 16 bits are the
+/// node id (config validation keeps it below 2^16), the other 48 a counter that starts at a
+/// point drawn from this boot's nonce. Not the clock: one stepped back would start the counter
+/// where an earlier boot's ids ran, and an entry of that boot replayed at startup would then
+/// answer a new PUT with the same id. Two boots' ids meet only if their ranges overlap
+/// somewhere in 2^48, about (ids of both) / 2^48: under one in ten million for ten million
+/// ids each.
 #[derive(Debug)]
 pub struct IdGen {
     base: u64,
     next: AtomicU64,
 }
 
+const ID_COUNTER_BITS: u32 = 48;
+const ID_COUNTER_MASK: u64 = (1 << ID_COUNTER_BITS) - 1;
+
 impl IdGen {
-    pub fn new(node_id: u64) -> IdGen {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
+    pub fn new(node_id: u64, nonce: u64) -> IdGen {
         IdGen {
-            base: node_id << 48,
-            next: AtomicU64::new(nanos & ((1 << 48) - 1)),
+            base: (node_id & crate::config::MAX_NODE_ID) << ID_COUNTER_BITS,
+            next: AtomicU64::new(nonce & ID_COUNTER_MASK),
         }
     }
 
     pub fn next(&self) -> u64 {
-        self.base | (self.next.fetch_add(1, Ordering::Relaxed) & ((1 << 48) - 1))
+        self.base | (self.next.fetch_add(1, Ordering::Relaxed) & ID_COUNTER_MASK)
     }
 }
 
@@ -361,8 +364,10 @@ pub struct KvStore {
 
 impl KvStore {
     /// An empty store; the raft task sends the recovered snapshot as its first `Apply`.
+    /// `nonce` tells this boot's request ids from every other's ([`IdGen`]).
     pub fn new(
         node_id: u64,
+        nonce: u64,
         propose_tx: mpsc::Sender<Proposal>,
         logger: &slog::Logger,
     ) -> Arc<KvStore> {
@@ -372,7 +377,7 @@ impl KvStore {
             applied_tx,
             waiters: Mutex::new(HashMap::new()),
             propose_tx,
-            ids: IdGen::new(node_id),
+            ids: IdGen::new(node_id, nonce),
             logger: logger.new(slog::o!("component" => "kvstore")),
         })
     }
@@ -538,7 +543,7 @@ mod tests {
     fn store() -> (Arc<KvStore>, mpsc::Receiver<Proposal>) {
         let (tx, rx) = mpsc::channel(8);
         let log = slog::Logger::root(slog::Discard, slog::o!());
-        (KvStore::new(1, tx, &log), rx)
+        (KvStore::new(1, 0, tx, &log), rx)
     }
 
     /// The kvstore snapshot round trip (raftexample's `Test_kvstore_snapshot`), with a value
@@ -691,6 +696,19 @@ mod tests {
         });
         assert_eq!(kv.lookup(b"/a"), Some(b"3".to_vec()));
         assert_eq!(kv.lookup(b"/b"), Some(b"".to_vec()));
+    }
+
+    /// Two boots of one node draw disjoint request ids even when their clocks read about the
+    /// same at start (a clock stepped back): an id shared with an entry replayed from the
+    /// earlier boot would answer a new PUT with the old entry. The node id is in the top bits.
+    #[test]
+    fn request_ids_of_two_boots_do_not_meet() {
+        let boot = || IdGen::new(3, crate::nonce::boot_nonce().unwrap());
+        let (first, second) = (boot(), boot());
+        let earlier: std::collections::HashSet<u64> =
+            (0..1_000_000).map(|_| first.next()).collect();
+        assert!((0..1_000_000).all(|_| !earlier.contains(&second.next())));
+        assert!(earlier.iter().all(|id| id >> 48 == 3));
     }
 
     /// A PUT returns only once its own entry is applied, and the applied signal fires.

@@ -18,6 +18,7 @@
 //!
 //! [`run`] wires them together; one [`CancellationToken`] stops the daemon.
 
+pub mod cluster_id;
 pub mod config;
 pub mod dump;
 pub mod error;
@@ -26,6 +27,7 @@ pub mod faults;
 pub mod http_api;
 pub mod kvstore;
 pub mod metrics;
+pub mod nonce;
 pub mod peer_client;
 pub mod raft_node;
 pub mod server;
@@ -83,7 +85,8 @@ pub fn start_raft(
     logger: &slog::Logger,
     stop: CancellationToken,
 ) -> Result<RaftHandle> {
-    let peer_client = peer_client::PeerClient::from_config(cfg)?;
+    let cluster_id = cluster_id::ClusterId::from_config(cfg, logger)?;
+    let peer_client = peer_client::PeerClient::from_config(cfg, cluster_id.clone())?;
     // The token this node sends is the one it requires.
     let cluster_token = peer_client.cluster_token();
     let (raft_msg_tx, raft_msg_rx) = mpsc::channel(CHANNEL);
@@ -143,6 +146,7 @@ pub fn start_raft(
         raft_msg_tx,
         removed,
         cluster_token,
+        cluster_id,
         stop: network_stop.clone(),
         logger: logger.new(slog::o!("component" => "peer-http")),
     });
@@ -174,7 +178,11 @@ pub async fn run(
     let (propose_tx, propose_rx) = mpsc::channel(CHANNEL);
     let (conf_change_tx, conf_change_rx) = mpsc::channel(16);
     let (read_tx, read_rx) = mpsc::channel(CHANNEL);
-    let kv = KvStore::new(cfg.id, propose_tx, &logger);
+    let nonce = nonce::boot_nonce().map_err(|e| Error::Io {
+        context: "cannot read a boot nonce from /dev/urandom".into(),
+        source: e,
+    })?;
+    let kv = KvStore::new(cfg.id, nonce, propose_tx, &logger);
     // Raft outlives the client API during shutdown so that in-flight requests can finish.
     let raft_stop = CancellationToken::new();
     let snap_kv = kv.clone();
@@ -211,6 +219,7 @@ pub async fn run(
         .merge(transport::require_cluster_token(
             http_api::forwarded_router(api.clone()),
             api.peers.cluster_token(),
+            api.peers.cluster_id(),
             &logger,
         ));
     let peer_server = tokio::spawn(server::serve(

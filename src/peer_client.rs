@@ -9,6 +9,7 @@ use std::time::Duration;
 use axum::http::{HeaderValue, StatusCode};
 use bytes::Bytes;
 
+use crate::cluster_id::{self, ClusterId};
 use crate::config::Config;
 
 /// Header carrying `--cluster-token` on every peer request.
@@ -47,12 +48,19 @@ fn chain(e: &reqwest::Error) -> String {
 pub struct PeerClient {
     http: reqwest::Client,
     token: HeaderValue,
+    /// Sent once known (see [`crate::cluster_id`]).
+    cluster_id: ClusterId,
     tls: bool,
 }
 
 impl PeerClient {
-    /// A client sending `token` and, with `tls`, speaking only HTTPS with that config.
-    pub fn new(token: HeaderValue, tls: Option<rustls::ClientConfig>) -> PeerClient {
+    /// A client sending `token` and `cluster_id` and, with `tls`, speaking only HTTPS with
+    /// that config.
+    pub fn new(
+        token: HeaderValue,
+        cluster_id: ClusterId,
+        tls: Option<rustls::ClientConfig>,
+    ) -> PeerClient {
         let is_tls = tls.is_some();
         let http = reqwest::Client::builder()
             .no_proxy()
@@ -68,16 +76,26 @@ impl PeerClient {
         PeerClient {
             http,
             token,
+            cluster_id,
             tls: is_tls,
         }
     }
 
     /// The client `cfg` asks for: its cluster token, and its peer TLS files if any.
-    pub fn from_config(cfg: &Config) -> crate::Result<PeerClient> {
+    pub fn from_config(cfg: &Config, cluster_id: ClusterId) -> crate::Result<PeerClient> {
         let token = HeaderValue::from_str(&cfg.cluster_token).map_err(|_| {
             crate::Error::Config("--cluster-token is not a valid header value".into())
         })?;
-        Ok(PeerClient::new(token, crate::tls::peer_client(cfg)?))
+        Ok(PeerClient::new(
+            token,
+            cluster_id,
+            crate::tls::peer_client(cfg)?,
+        ))
+    }
+
+    /// This node's cluster id, which this client sends and the peer listener checks.
+    pub fn cluster_id(&self) -> ClusterId {
+        self.cluster_id.clone()
     }
 
     /// The `--cluster-token` this client sends, which this node requires in turn.
@@ -105,6 +123,9 @@ impl PeerClient {
             .header(CLUSTER_HEADER, self.token.clone())
             .timeout(timeout)
             .body(body);
+        if let Some(id) = self.cluster_id.header() {
+            req = req.header(cluster_id::HEADER, id);
+        }
         for (name, value) in headers {
             req = req.header(*name, value.clone());
         }
@@ -128,6 +149,9 @@ impl PeerClient {
             .http
             .post(url)
             .header(CLUSTER_HEADER, self.token.clone());
+        if let Some(id) = self.cluster_id.header() {
+            req = req.header(cluster_id::HEADER, id);
+        }
         for (name, value) in headers {
             req = req.header(*name, value.clone());
         }

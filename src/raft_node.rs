@@ -99,6 +99,9 @@ pub struct NodeStatus {
     pub kv_applied: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kv_hash: Option<String>,
+    /// See [`crate::cluster_id`]; absent while this node has not learnt it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_id: Option<String>,
 }
 
 /// Snapshot payload: the membership the log no longer holds after compaction, and the map.
@@ -173,6 +176,17 @@ fn entry_writes(e: &Entry) -> u64 {
 
 /// Encoded PUTs packed into one entry; a batch larger than this continues in the next one.
 const ENTRY_BYTES: usize = 256 << 10;
+/// Largest `MsgPropose` stepped at once (an entry larger than this goes alone), which is also
+/// raft's cap on the entries of one `MsgAppend`: on a follower the message is forwarded whole
+/// to the leader, and one stream frame must carry it (see `transport::MAX_FRAME`) without
+/// holding up the heartbeats behind it for long.
+const PROPOSE_BYTES: usize = 1 << 20;
+// A message holds at most PROPOSE_BYTES of entries, or one entry, which is no larger than a
+// WAL record (see `config::MAX_REQUEST_BYTES`); either fits a frame.
+const _: () = assert!(
+    PROPOSE_BYTES < crate::transport::MAX_FRAME
+        && crate::wal::MAX_RECORD_LEN + (1 << 20) < crate::transport::MAX_FRAME
+);
 
 /// Proposals waiting to be proposed as one batch, and the ids of the local ones, reported to
 /// the kvstore if raft drops them (entries forwarded by followers have none: their proposer
@@ -188,6 +202,9 @@ struct Held {
     /// Local proposals and forwarded entries held, which bounds the batch.
     count: usize,
     ids: Vec<u64>,
+    /// How many of `ids` each of `entries` carries, and how many `packing` does.
+    entry_ids: Vec<usize>,
+    packing_ids: usize,
 }
 
 impl Held {
@@ -201,13 +218,16 @@ impl Held {
             self.packing.extend_from_slice(&p.data);
         }
         self.ids.push(p.id);
+        self.packing_ids += 1;
         self.count += 1;
     }
 
     fn forwarded(&mut self, entries: impl IntoIterator<Item = Entry>) {
-        let before = self.entries.len();
-        self.entries.extend(entries);
-        self.count += self.entries.len() - before;
+        for e in entries {
+            self.entries.push(e);
+            self.entry_ids.push(0);
+            self.count += 1;
+        }
     }
 
     fn seal(&mut self) {
@@ -221,6 +241,7 @@ impl Held {
             data: data.into(),
             ..Default::default()
         });
+        self.entry_ids.push(std::mem::take(&mut self.packing_ids));
     }
 }
 
@@ -267,6 +288,9 @@ pub struct RaftNode {
     snapshot_count: u64,
     catchup_entries: u64,
     max_snapshots: usize,
+    cluster_id: crate::cluster_id::ClusterId,
+    /// Throttles the warning about malformed peer messages.
+    peer_warn: crate::server::Throttle,
     logger: slog::Logger,
 }
 
@@ -336,6 +360,55 @@ pub fn process_messages(msgs: &mut [Message], cs: &ConfState) {
     }
 }
 
+/// What raft-rs trusts in a peer's message and would panic on (or corrupt its log with) if it
+/// were wrong. A well-behaved peer never sends such a message; a confused or hostile one must
+/// not take the node down. `m` may be repaired in place.
+fn check_peer_message(
+    raft: &raft::Raft<RaftStorage>,
+    m: &mut Message,
+) -> std::result::Result<(), &'static str> {
+    if m.to != raft.id {
+        return Err("addressed to another node");
+    }
+    if m.from == raft.id || m.from == raft::INVALID_ID {
+        return Err("claims to come from this node or from no node");
+    }
+    let log = &raft.raft_log;
+    match m.get_msg_type() {
+        MessageType::MsgHeartbeat if m.commit > log.last_index() => {
+            // A leader sends at most what this node acknowledged. Keep the heartbeat (it
+            // still says who leads), not its commit index.
+            m.commit = log.committed;
+        }
+        MessageType::MsgReadIndex | MessageType::MsgReadIndexResp if m.entries.len() != 1 => {
+            return Err("a read index message without exactly one context");
+        }
+        MessageType::MsgAppend => {
+            let mut term = m.log_term;
+            for (i, e) in m.entries.iter().enumerate() {
+                if e.index != m.index + 1 + i as u64 || e.term < term || e.term > m.term {
+                    return Err("an append whose entries do not follow its index and term");
+                }
+                term = e.term;
+            }
+        }
+        MessageType::MsgSnapshot if decode_snapshot_data(&m.get_snapshot().data).is_err() => {
+            return Err("a snapshot whose payload does not decode");
+        }
+        // Followers forward PUTs only; membership changes go by /conf-change.
+        MessageType::MsgPropose
+            if m.entries.is_empty()
+                || m.entries
+                    .iter()
+                    .any(|e| e.get_entry_type() != EntryType::EntryNormal || e.data.is_empty()) =>
+        {
+            return Err("a forwarded proposal that is empty or not all PUTs");
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 impl RaftNode {
     /// Replays the snapshot and WAL (or bootstraps a new member) and builds the node.
     pub fn recover(
@@ -345,6 +418,10 @@ impl RaftNode {
         logger: &slog::Logger,
     ) -> Result<RaftNode> {
         let peers = cfg.peers()?;
+        let nonce = crate::nonce::boot_nonce().map_err(|e| Error::Io {
+            context: "cannot read a boot nonce from /dev/urandom".into(),
+            source: e,
+        })?;
         let started = Instant::now();
         let snapshotter = Snapshotter::new(&cfg.disk, &cfg.snap_dir(), logger)?;
         // Now, before any snapshot thread or WAL writer runs, is the only safe time.
@@ -457,7 +534,7 @@ impl RaftNode {
             election_tick: 10,
             heartbeat_tick: 1,
             applied,
-            max_size_per_msg: 1024 * 1024,
+            max_size_per_msg: PROPOSE_BYTES as u64,
             max_inflight_msgs: 256,
             // Entries appended while a MsgAppend to a peer is still in the Ready join it: one
             // message (and one response) per peer per Ready.
@@ -513,7 +590,7 @@ impl RaftNode {
             writes: applied - snapshot_index,
             last_apply_done: None,
             pending_cc: HashMap::new(),
-            reads: ReadBatcher::default(),
+            reads: ReadBatcher::new(cfg.id, nonce),
             snapshot_in_flight: false,
             snapshot_done_tx,
             snapshot_done_rx: Some(snapshot_done_rx),
@@ -527,6 +604,8 @@ impl RaftNode {
             snapshot_count: cfg.snapshot_count,
             catchup_entries: cfg.snapshot_catchup_entries,
             max_snapshots: cfg.max_snapshots,
+            cluster_id: shared.peer_client.cluster_id(),
+            peer_warn: crate::server::Throttle::new(Duration::from_secs(10)),
             logger: logger.clone(),
         })
     }
@@ -679,6 +758,17 @@ impl RaftNode {
     }
 
     fn step(&mut self, mut m: Message) {
+        if let Err(why) = check_peer_message(&self.node.raft, &mut m) {
+            if self.peer_warn.ready() {
+                slog::warn!(self.logger, "dropped a malformed peer message (more are logged at \
+                    debug level for 10 s)"; "why" => why, "from" => m.from,
+                    "type" => ?m.get_msg_type());
+            } else {
+                slog::debug!(self.logger, "dropped a malformed peer message"; "why" => why,
+                    "from" => m.from, "type" => ?m.get_msg_type());
+            }
+            return;
+        }
         if m.get_msg_type() == MessageType::MsgPropose && self.node.raft.state == StateRole::Leader
         {
             // Proposals a follower forwarded join the leader's own batch.
@@ -717,25 +807,57 @@ impl RaftNode {
             || self.held.count >= DRAIN
     }
 
-    /// Proposes everything held as one `MsgPropose` (what `RawNode::propose` builds, with many
-    /// entries instead of one), so raft appends and replicates them together and a follower
-    /// forwards them to the leader in one message. Returns what to tell the kvstore if raft
-    /// dropped them.
+    /// Proposes everything held in `MsgPropose`s of up to [`PROPOSE_BYTES`] (what
+    /// `RawNode::propose` builds, with many entries instead of one), so raft appends and
+    /// replicates them together and a follower forwards them to the leader in few messages.
+    /// Returns what to tell the kvstore about the PUTs of the messages raft dropped.
     fn propose(&mut self) -> Option<Apply> {
         if self.held.count == 0 {
             return None;
         }
         self.held.seal();
-        let Held { entries, ids, .. } = std::mem::take(&mut self.held);
-        let mut m = Message::default();
-        m.set_msg_type(MessageType::MsgPropose);
-        m.from = self.id;
-        m.set_entries(entries.into());
-        let res = self.node.step(m);
-        crate::metrics::proposals(res.is_ok(), ids.len());
-        res.err().map(|e| Apply::Dropped {
+        let Held {
+            entries,
             ids,
-            reason: e.to_string(),
+            entry_ids,
+            ..
+        } = std::mem::take(&mut self.held);
+        let mut ids = ids.into_iter();
+        let mut dropped = Vec::new();
+        let mut reason = String::new();
+        let mut chunk = Vec::new();
+        let (mut chunk_ids, mut chunk_bytes) = (0, 0);
+        let mut entries = entries.into_iter().zip(entry_ids).peekable();
+        while let Some((e, n)) = entries.next() {
+            // The entry's own bytes plus its tag and length in the message.
+            chunk_bytes += e.compute_size() as usize + 6;
+            chunk_ids += n;
+            chunk.push(e);
+            let next_fits = entries
+                .peek()
+                .is_some_and(|(e, _)| chunk_bytes + e.compute_size() as usize + 6 <= PROPOSE_BYTES);
+            if next_fits {
+                continue;
+            }
+            let mut m = Message::default();
+            m.set_msg_type(MessageType::MsgPropose);
+            m.from = self.id;
+            m.set_entries(std::mem::take(&mut chunk).into());
+            let res = self.node.step(m);
+            crate::metrics::proposals(res.is_ok(), chunk_ids);
+            let these = ids.by_ref().take(chunk_ids);
+            match res {
+                Ok(()) => these.for_each(drop),
+                Err(e) => {
+                    dropped.extend(these);
+                    reason = e.to_string();
+                }
+            }
+            (chunk_ids, chunk_bytes) = (0, 0);
+        }
+        (!dropped.is_empty()).then_some(Apply::Dropped {
+            ids: dropped,
+            reason,
         })
     }
 
@@ -975,10 +1097,13 @@ impl RaftNode {
             return Ok(());
         }
         let mut data: Vec<Bytes> = Vec::new();
+        // What is really applied: the batch's last index, unless our own removal stops it.
+        let mut upto = self.applied;
         for e in entries {
             if e.index <= self.applied {
                 continue;
             }
+            upto = e.index;
             self.log_bytes += e.data.len() as u64;
             self.writes += entry_writes(&e);
             match e.get_entry_type() {
@@ -1002,13 +1127,13 @@ impl RaftNode {
         }
         let (tx, rx) = oneshot::channel();
         self.send_apply(Apply::Entries {
-            index: last,
+            index: upto,
             data,
             applied: tx,
         })
         .await?;
         self.last_apply_done = Some(rx);
-        self.applied = last;
+        self.applied = upto;
         Ok(())
     }
 
@@ -1194,6 +1319,9 @@ impl RaftNode {
         st.term = raft.term;
         st.commit = raft.raft_log.committed;
         st.applied = self.applied;
+        if st.cluster_id.is_none() {
+            st.cluster_id = self.cluster_id.get().map(crate::cluster_id::format);
+        }
         crate::metrics::indexes(st.commit, st.applied);
         if self.members_changed {
             st.members = self.members.clone();
@@ -1206,20 +1334,53 @@ impl RaftNode {
 /// arrives meanwhile waits for the next, which they all share (as etcd's read loop does); under
 /// load a round answers as many reads as there are clients, for one heartbeat exchange. Any
 /// read state for round `c` also answers rounds issued before it, since they started earlier.
-#[derive(Default)]
+///
+/// A round's context is `node id | boot nonce | round number` (etcd's is alike): the leader
+/// keys pending requests by context and drops one whose context is already pending, so
+/// contexts must differ between nodes, and an answer that reaches a restarted node must not
+/// resolve the new boot's reads with an index read for the old one.
 struct ReadBatcher {
+    /// Node id and boot nonce, big-endian: the first [`CTX_PREFIX`] bytes of every context.
+    prefix: [u8; CTX_PREFIX],
     queued: Vec<ReadRequest>,
     inflight: VecDeque<(u64, Vec<ReadRequest>)>,
     next_ctx: u64,
     idle_ticks: u32,
 }
 
+const CTX_PREFIX: usize = 16;
+
 impl ReadBatcher {
+    fn new(id: u64, nonce: u64) -> ReadBatcher {
+        let mut prefix = [0; CTX_PREFIX];
+        prefix[..8].copy_from_slice(&id.to_be_bytes());
+        prefix[8..].copy_from_slice(&nonce.to_be_bytes());
+        ReadBatcher {
+            prefix,
+            queued: Vec::new(),
+            inflight: VecDeque::new(),
+            next_ctx: 0,
+            idle_ticks: 0,
+        }
+    }
+
     fn issue(&mut self, node: &mut RawNode<RaftStorage>, batch: Vec<ReadRequest>) {
         self.next_ctx += 1;
-        node.read_index(self.next_ctx.to_be_bytes().to_vec());
+        let mut ctx = Vec::with_capacity(CTX_PREFIX + 8);
+        ctx.extend_from_slice(&self.prefix);
+        ctx.extend_from_slice(&self.next_ctx.to_be_bytes());
+        node.read_index(ctx);
         self.inflight.push_back((self.next_ctx, batch));
         self.idle_ticks = 0;
+    }
+
+    /// The round number in `ctx` if this boot of this node issued it.
+    fn round(&self, ctx: &[u8]) -> Option<u64> {
+        let (prefix, n) = ctx.split_at_checked(CTX_PREFIX)?;
+        if prefix != self.prefix {
+            return None;
+        }
+        Some(u64::from_be_bytes(n.try_into().ok()?))
     }
 
     fn flush(&mut self, node: &mut RawNode<RaftStorage>) {
@@ -1259,10 +1420,10 @@ impl ReadBatcher {
 
     fn resolve(&mut self, states: Vec<ReadState>) {
         for rs in states {
-            let Ok(ctx) = <[u8; 8]>::try_from(&rs.request_ctx[..]) else {
+            let Some(ctx) = self.round(&rs.request_ctx) else {
+                // Another boot's (or garbage): its index says nothing about our rounds.
                 continue;
             };
-            let ctx = u64::from_be_bytes(ctx);
             while self.inflight.front().is_some_and(|(c, _)| *c <= ctx) {
                 let (_, batch) = self.inflight.pop_front().expect("front exists");
                 for r in batch {
@@ -1331,6 +1492,344 @@ mod tests {
                 "prefix of {cut} bytes"
             );
         }
+    }
+
+    fn discard() -> slog::Logger {
+        slog::Logger::root(slog::Discard, slog::o!())
+    }
+
+    /// A raft node of `voters` on an in-memory log, for tests that move messages by hand.
+    fn mem_node(id: u64, voters: &[u64]) -> RawNode<RaftStorage> {
+        let mut store = RaftStorage::default();
+        store.set_conf_state(ConfState {
+            voters: voters.to_vec(),
+            ..Default::default()
+        });
+        let cfg = raft::Config {
+            id,
+            election_tick: 10,
+            heartbeat_tick: 1,
+            ..Default::default()
+        };
+        RawNode::new(&cfg, store, &discard()).unwrap()
+    }
+
+    fn batcher(id: u64, nonce: u64) -> ReadBatcher {
+        ReadBatcher::new(id, nonce)
+    }
+
+    /// Runs Ready rounds and delivers messages until all `nodes` are quiet. Read states go to
+    /// each node's batcher, and are also returned (by node id) as they came.
+    fn pump(
+        nodes: &mut BTreeMap<u64, (RawNode<RaftStorage>, ReadBatcher)>,
+    ) -> Vec<(u64, ReadState)> {
+        let mut seen = Vec::new();
+        loop {
+            let mut msgs = Vec::new();
+            for (id, (n, b)) in nodes.iter_mut() {
+                if !n.has_ready() {
+                    continue;
+                }
+                let mut rd = n.ready();
+                msgs.extend(rd.take_messages());
+                let store = n.mut_store();
+                store.append(rd.entries()).unwrap();
+                if let Some(hs) = rd.hs() {
+                    store.set_hard_state(hs.clone());
+                }
+                msgs.extend(rd.take_persisted_messages());
+                let states = rd.take_read_states();
+                seen.extend(states.iter().map(|s| (*id, s.clone())));
+                b.resolve(states);
+                let mut light = n.advance(rd);
+                msgs.extend(light.take_messages());
+                if let Some(c) = light.commit_index() {
+                    n.mut_store().set_commit(c);
+                }
+                n.advance_apply();
+            }
+            if msgs.is_empty() {
+                return seen;
+            }
+            for m in msgs {
+                if let Some((n, _)) = nodes.get_mut(&m.to) {
+                    let _ = n.step(m);
+                }
+            }
+        }
+    }
+
+    /// Three nodes with node 1 elected and its first entry committed everywhere.
+    fn elected(nonce: u64) -> BTreeMap<u64, (RawNode<RaftStorage>, ReadBatcher)> {
+        let mut nodes: BTreeMap<_, _> = [1, 2, 3]
+            .into_iter()
+            .map(|id| (id, (mem_node(id, &[1, 2, 3]), batcher(id, nonce))))
+            .collect();
+        nodes.get_mut(&1).unwrap().0.campaign().unwrap();
+        pump(&mut nodes);
+        assert_eq!(nodes[&1].0.raft.state, StateRole::Leader);
+        assert!(nodes.values().all(|(n, _)| n.raft.leader_id == 1));
+        nodes
+    }
+
+    fn read_on(
+        nodes: &mut BTreeMap<u64, (RawNode<RaftStorage>, ReadBatcher)>,
+        id: u64,
+    ) -> oneshot::Receiver<Result<u64, ReadError>> {
+        let (tx, rx) = oneshot::channel();
+        let (n, b) = nodes.get_mut(&id).unwrap();
+        b.queued.push(tx);
+        b.flush(n);
+        rx
+    }
+
+    /// Two followers that issue their first ReadIndex round at the same moment are both
+    /// answered by the leader's one heartbeat exchange: their contexts differ (raft-rs drops a
+    /// request whose context is already pending, which left one of them waiting for the retry).
+    #[test]
+    fn reads_of_two_followers_do_not_collide() {
+        // Same nonce on purpose: the node id alone keeps contexts apart.
+        let mut nodes = elected(7);
+        let mut r2 = read_on(&mut nodes, 2);
+        let mut r3 = read_on(&mut nodes, 3);
+        let mut r1 = read_on(&mut nodes, 1);
+        pump(&mut nodes);
+        let commit = nodes[&1].0.raft.raft_log.committed;
+        assert_eq!(r2.try_recv().ok(), Some(Ok(commit)), "node 2's read");
+        assert_eq!(r3.try_recv().ok(), Some(Ok(commit)), "node 3's read");
+        assert_eq!(r1.try_recv().ok(), Some(Ok(commit)), "the leader's read");
+    }
+
+    /// An answer to a read of a previous incarnation of this node (same id, another boot)
+    /// resolves nothing of the current one, which is answered by its own round.
+    #[test]
+    fn answers_for_a_previous_boot_are_ignored() {
+        let mut nodes = elected(1);
+        let _old = read_on(&mut nodes, 2);
+        let states = pump(&mut nodes);
+        let old: Vec<ReadState> = states
+            .into_iter()
+            .filter(|(id, _)| *id == 2)
+            .map(|(_, s)| s)
+            .collect();
+        assert_eq!(old.len(), 1, "the old incarnation's read was answered");
+        // Node 2 restarts (a new boot nonce) and issues its first round; the old answer is
+        // delivered late.
+        nodes.get_mut(&2).unwrap().1 = batcher(2, 2);
+        let mut fresh = read_on(&mut nodes, 2);
+        nodes.get_mut(&2).unwrap().1.resolve(old);
+        assert!(
+            fresh.try_recv().is_err(),
+            "a read of this boot took an answer meant for the previous one"
+        );
+        pump(&mut nodes);
+        let commit = nodes[&1].0.raft.raft_log.committed;
+        assert_eq!(fresh.try_recv().ok(), Some(Ok(commit)));
+    }
+
+    /// A freshly bootstrapped node 1 of `n` (its peers' ports are never contacted: nothing is
+    /// sent unless a Ready is handled) and the receiving end of its commit channel.
+    fn bootstrapped(dir: &std::path::Path, n: u64) -> (RaftNode, mpsc::Receiver<Apply>) {
+        use clap::Parser as _;
+        let cluster: Vec<String> = (1..=n).map(|i| format!("http://127.0.0.1:{i}")).collect();
+        let cfg = Config::parse_from([
+            "raftexample",
+            "--cluster",
+            &cluster.join(","),
+            "--data-dir",
+            dir.to_str().unwrap(),
+        ]);
+        let (commit_tx, commit_rx) = mpsc::channel(16);
+        let (report_tx, _) = mpsc::unbounded_channel();
+        let shared = Shared {
+            commit_tx,
+            removed: Default::default(),
+            status: Default::default(),
+            report_tx,
+            shutdown: CancellationToken::new(),
+            peer_client: crate::peer_client::PeerClient::from_config(
+                &cfg,
+                crate::cluster_id::ClusterId::unknown(cfg.wal_dir()),
+            )
+            .unwrap(),
+        };
+        let get_snapshot: GetSnapshot =
+            Box::new(|| Box::new(crate::kvstore::Captured(crate::kvstore::Map::new())));
+        let node = RaftNode::recover(&cfg, &shared, get_snapshot, &discard()).unwrap();
+        (node, commit_rx)
+    }
+
+    fn put_entry(index: u64, id: u64) -> Entry {
+        Entry {
+            term: 1,
+            index,
+            data: crate::kvstore::Put {
+                id,
+                key: b"/k",
+                value: b"v",
+            }
+            .encode()
+            .into(),
+            ..Default::default()
+        }
+    }
+
+    /// A node that applies its own removal stops there, and publishes that index as applied,
+    /// not the index of the entries after it that it did not apply: a linearizable read
+    /// served meanwhile would take their absence for the current state.
+    #[tokio::test]
+    async fn own_removal_publishes_the_index_it_stopped_at() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut node, mut commit_rx) = bootstrapped(dir.path(), 2);
+        assert_eq!(node.applied, 2);
+        let mut cc = ConfChange::default();
+        cc.set_change_type(ConfChangeType::RemoveNode);
+        cc.node_id = 1;
+        let entries = vec![put_entry(3, 7), conf_change_entry(&cc, 4), put_entry(5, 8)];
+        node.apply_committed(entries).await.unwrap();
+        assert_eq!(node.exit, Some(Exit::Removed));
+        match commit_rx.try_recv() {
+            Ok(Apply::Entries { index, data, .. }) => {
+                assert_eq!(data.len(), 1, "only the PUT before the removal applies");
+                assert_eq!(index, 4, "published index");
+            }
+            other => panic!("expected entries, got {other:?}"),
+        }
+        assert_eq!(node.applied, 4);
+        node.publish_status();
+        assert_eq!(node.status.lock().unwrap().applied, 4);
+    }
+
+    /// A follower forwards what it holds to the leader in messages of at most
+    /// [`PROPOSE_BYTES`] (one entry larger than that goes alone), every PUT once and in
+    /// order: one message of everything would exceed what the leader's stream accepts in one
+    /// frame, and the leader would close the stream and lose them all.
+    #[tokio::test]
+    async fn forwarded_proposals_are_split_into_bounded_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut node, _commit_rx) = bootstrapped(dir.path(), 2);
+        // Node 2 leads at term 2.
+        let mut hb = Message::default();
+        hb.set_msg_type(MessageType::MsgHeartbeat);
+        (hb.from, hb.to, hb.term, hb.commit) = (2, 1, 2, 2);
+        node.step(hb);
+        assert_eq!(node.node.raft.leader_id, 2);
+        let value = vec![7u8; 200 << 10];
+        for id in 0..24 {
+            let data = crate::kvstore::Put {
+                id,
+                key: b"/k",
+                value: &value,
+            }
+            .encode();
+            node.held.push(Proposal { id, data });
+        }
+        node.held.forwarded([put_entry(0, 99)]);
+        assert!(node.propose().is_none(), "nothing dropped");
+        let mut rd = node.node.ready();
+        let mut msgs = rd.take_messages();
+        msgs.extend(rd.take_persisted_messages());
+        let proposals: Vec<&Message> = msgs
+            .iter()
+            .filter(|m| m.get_msg_type() == MessageType::MsgPropose)
+            .collect();
+        assert!(proposals.len() > 1, "one message of ~5 MB");
+        for m in &proposals {
+            assert_eq!(m.to, 2);
+            let size = m.compute_size() as usize;
+            assert!(size <= PROPOSE_BYTES + 64, "a message of {size} bytes");
+        }
+        let mut got: Vec<u64> = Vec::new();
+        for e in proposals.iter().flat_map(|m| m.entries.iter()) {
+            let puts = crate::kvstore::decode_puts(&e.data).unwrap();
+            assert!(puts
+                .iter()
+                .all(|p| p.value.len() == 200 << 10 || p.id == 99));
+            got.extend(puts.iter().map(|p| p.id));
+        }
+        // The forwarded entry goes with the entries sealed before it.
+        let mut want: Vec<u64> = (0..23).collect();
+        want.extend([99, 23]);
+        assert_eq!(got, want, "every PUT arrives once, in order");
+    }
+
+    /// Proposals raft refuses (no leader known) are all reported, by id, in every message.
+    #[tokio::test]
+    async fn refused_proposals_are_reported_by_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut node, _commit_rx) = bootstrapped(dir.path(), 2);
+        let value = vec![7u8; 200 << 10];
+        for id in 0..24 {
+            let data = crate::kvstore::Put {
+                id,
+                key: b"/k",
+                value: &value,
+            }
+            .encode();
+            node.held.push(Proposal { id, data });
+        }
+        match node.propose() {
+            Some(Apply::Dropped { ids, .. }) => assert_eq!(ids, (0..24).collect::<Vec<_>>()),
+            other => panic!("expected a drop report, got {other:?}"),
+        }
+    }
+
+    fn heartbeat(from: u64, to: u64, term: u64, commit: u64) -> Message {
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgHeartbeat);
+        (m.from, m.to, m.term, m.commit) = (from, to, term, commit);
+        m
+    }
+
+    /// Steps `m` into `n` as the raft task does: only if it passes the check.
+    fn step_checked(n: &mut RawNode<RaftStorage>, mut m: Message) -> bool {
+        let ok = check_peer_message(&n.raft, &mut m).is_ok();
+        if ok {
+            let _ = n.step(m);
+        }
+        ok
+    }
+
+    /// No peer input panics raft (each of these did, in raft-rs): a heartbeat claiming a commit
+    /// index beyond this node's log ("to_commit out of range"), from a member or from an id
+    /// that is no member; a ReadIndex request without its context (an index out of bounds);
+    /// an append whose entries do not follow its index ("conflict with committed entry").
+    /// Well-formed messages still pass, and the cluster keeps working.
+    #[test]
+    fn peer_input_cannot_panic_raft() {
+        let mut nodes = elected(1);
+        let (term, committed) = (nodes[&2].0.raft.term, nodes[&2].0.raft.raft_log.committed);
+        let f = &mut nodes.get_mut(&2).unwrap().0;
+        step_checked(f, heartbeat(99, 2, term, 1_000_000));
+        step_checked(f, heartbeat(1, 2, term, 1_000_000));
+        assert_eq!(f.raft.raft_log.committed, committed);
+        let mut app = Message::default();
+        app.set_msg_type(MessageType::MsgAppend);
+        (app.from, app.to, app.term) = (1, 2, term);
+        (app.index, app.log_term) = (committed, term);
+        app.entries = vec![Entry {
+            index: 1,
+            term: term + 1,
+            ..Default::default()
+        }]
+        .into();
+        assert!(!step_checked(f, app));
+        let l = &mut nodes.get_mut(&1).unwrap().0;
+        let mut read = Message::default();
+        read.set_msg_type(MessageType::MsgReadIndex);
+        (read.from, read.to, read.term) = (2, 1, term);
+        assert!(!step_checked(l, read));
+        assert!(
+            step_checked(l, heartbeat(2, 1, 0, 0)),
+            "a harmless message passes"
+        );
+        pump(&mut nodes);
+        let mut r = read_on(&mut nodes, 3);
+        pump(&mut nodes);
+        assert!(
+            matches!(r.try_recv(), Ok(Ok(_))),
+            "the cluster still answers reads"
+        );
     }
 
     /// raftexample's `TestProcessMessages`: an outgoing MsgSnapshot gets the node's current

@@ -25,7 +25,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -39,6 +39,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster_id::{self, Admit, ClusterId};
 use crate::peer_client::{PeerClient, PeerError, CLUSTER_HEADER};
 use crate::server::Throttle;
 
@@ -52,9 +53,15 @@ pub const FROM_HEADER: &str = "x-raftexample-from";
 const WRITE_STALL: Duration = Duration::from_secs(2);
 /// Opening a stream takes a connect and one HTTP exchange.
 const STREAM_OPEN: Duration = Duration::from_secs(2);
-/// Largest frame a stream accepts. Appends are capped at 1 MiB of entries by raft, but one
-/// entry may be as large as a client request; this only guards against garbage lengths.
-const MAX_FRAME: usize = 256 << 20;
+/// Largest frame a stream accepts. Appends and forwarded proposals are capped at 1 MiB of
+/// entries, but one entry may be as large as a client request (`--max-request-bytes`, which
+/// config validation keeps below a WAL record, 64 MiB); this only guards against garbage
+/// lengths.
+pub const MAX_FRAME: usize = 256 << 20;
+/// Largest `POST /raft` body: a batch with one snapshot, whose data the snapshot file format
+/// caps at 4 GiB (a u32 length), plus room for its metadata. Larger is refused with 413
+/// before any of it is read.
+pub const MAX_RAFT_BODY: u64 = u32::MAX as u64 + (1 << 20);
 
 /// Queue length per peer; beyond it messages are dropped (raft retransmits).
 const PEER_QUEUE: usize = 4096;
@@ -276,7 +283,8 @@ struct PeerSender {
     stream_endpoint: String,
     client: PeerClient,
     report_tx: mpsc::UnboundedSender<Report>,
-    /// Set while the peer answers 412, so that a token mismatch is logged once, not per batch.
+    /// Set while the peer answers 412, so that a token or cluster id mismatch is logged once,
+    /// not per batch.
     token_rejected: bool,
     #[cfg(feature = "fault-injection")]
     faults: Option<Arc<crate::faults::Faults>>,
@@ -441,8 +449,9 @@ impl PeerSender {
         if rejected && !self.token_rejected {
             slog::warn!(
                 self.logger,
-                "peer rejects this node's cluster token (412): is \
-                --cluster-token the same on every member?"
+                "peer rejects this node's cluster token or cluster id (412): is \
+                --cluster-token the same on every member, and is the peer a member of this \
+                cluster (its --cluster list may name ours by mistake)?"
             );
         }
         self.token_rejected = rejected;
@@ -542,37 +551,47 @@ pub struct PeerState {
     pub removed: Arc<RwLock<HashSet<u64>>>,
     /// `--cluster-token`: requests without it get 412.
     pub cluster_token: HeaderValue,
+    /// Requests from another cluster get 412 (see [`crate::cluster_id`]).
+    pub cluster_id: ClusterId,
     /// Ends the streams being received.
     pub stop: CancellationToken,
     pub logger: slog::Logger,
 }
 
-/// The `POST /raft` route. Snapshots can exceed axum's 2 MiB default body limit, hence none.
+/// The `POST /raft` route (bodies up to [`MAX_RAFT_BODY`]) and the stream route.
 pub fn router(state: PeerState) -> Router {
     let token = state.cluster_token.clone();
+    let id = state.cluster_id.clone();
     let logger = state.logger.clone();
     let router = Router::new()
         .route("/raft", post(receive))
         .route(STREAM_PATH, post(receive_stream))
-        .layer(DefaultBodyLimit::disable())
         .with_state(state);
-    require_cluster_token(router, token, &logger)
+    require_cluster_token(router, token, id, &logger)
 }
 
 #[derive(Clone)]
 struct TokenCheck {
     token: HeaderValue,
+    cluster_id: ClusterId,
     /// A misconfigured peer retries many times a second: log its mismatch now and then.
     warn: Arc<Throttle>,
     logger: slog::Logger,
 }
 
 /// Answers 412 to any request on `router`'s routes that does not carry `token` in
-/// `X-Raftexample-Cluster`, before its body is read, so its messages never reach raft.
-/// Routes added to the returned router later are not checked (`/status` and friends).
-pub fn require_cluster_token(router: Router, token: HeaderValue, logger: &slog::Logger) -> Router {
+/// `X-Raftexample-Cluster`, or that carries another cluster id than `cluster_id` (learning
+/// it if unknown), before its body is read, so its messages never reach raft. Routes added
+/// to the returned router later are not checked (`/status` and friends).
+pub fn require_cluster_token(
+    router: Router,
+    token: HeaderValue,
+    cluster_id: ClusterId,
+    logger: &slog::Logger,
+) -> Router {
     let check = TokenCheck {
         token,
+        cluster_id,
         warn: Arc::new(Throttle::new(Duration::from_secs(10))),
         logger: logger.clone(),
     };
@@ -584,7 +603,13 @@ async fn check_token(State(check): State<TokenCheck>, req: Request, next: Next) 
     // comparison will do.
     let got = req.headers().get(CLUSTER_HEADER);
     if got == Some(&check.token) {
-        return next.run(req).await;
+        return match req.headers().get(cluster_id::HEADER) {
+            None => next.run(req).await,
+            Some(v) => match cluster_id::parse(v.as_bytes()) {
+                Some(theirs) => check_cluster_id(&check, theirs, req, next).await,
+                None => (StatusCode::BAD_REQUEST, "malformed cluster id\n").into_response(),
+            },
+        };
     }
     if check.warn.ready() {
         slog::warn!(check.logger, "rejected peer request with another cluster token";
@@ -600,7 +625,79 @@ async fn check_token(State(check): State<TokenCheck>, req: Request, next: Next) 
         .into_response()
 }
 
-async fn receive(State(st): State<PeerState>, body: Bytes) -> (StatusCode, &'static str) {
+async fn check_cluster_id(check: &TokenCheck, theirs: u64, req: Request, next: Next) -> Response {
+    match check.cluster_id.admit(theirs) {
+        Admit::Same => {}
+        Admit::Learned => {
+            let id = check.cluster_id.clone();
+            let stored = tokio::task::spawn_blocking(move || id.store()).await;
+            slog::info!(check.logger, "learnt the cluster id from a peer";
+                "cluster_id" => cluster_id::format(theirs),
+                "from" => req.headers().get(FROM_HEADER)
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()));
+            match stored {
+                Ok(Ok(())) => {}
+                // Kept in memory; the next start learns it again.
+                Ok(Err(e)) => slog::warn!(check.logger, "cannot store the cluster id";
+                    "error" => %e),
+                Err(e) => slog::warn!(check.logger, "cannot store the cluster id";
+                    "error" => %e),
+            }
+        }
+        Admit::Foreign { ours } => {
+            if check.warn.ready() {
+                slog::warn!(check.logger, "rejected peer request from another cluster";
+                    "path" => req.uri().path(),
+                    "cluster_id" => cluster_id::format(theirs),
+                    "ours" => cluster_id::format(ours),
+                    "from" => req.headers().get(FROM_HEADER)
+                        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()));
+            }
+            return (
+                StatusCode::PRECONDITION_FAILED,
+                "cluster id mismatch: this request is from a member of another cluster\n",
+            )
+                .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+async fn receive(State(st): State<PeerState>, req: Request) -> Response {
+    let too_large = || {
+        (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            // The rest of the body is not worth reading.
+            [(header::CONNECTION, "close")],
+            "raft message batch larger than any snapshot\n",
+        )
+            .into_response()
+    };
+    let announced = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > MAX_RAFT_BODY) {
+        return too_large();
+    }
+    let limit = usize::try_from(MAX_RAFT_BODY).unwrap_or(usize::MAX);
+    let body = match axum::body::to_bytes(req.into_body(), limit).await {
+        Ok(b) => b,
+        Err(e) => {
+            let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+            while let Some(c) = cause {
+                if c.is::<http_body_util::LengthLimitError>() {
+                    return too_large();
+                }
+                cause = c.source();
+            }
+            return (StatusCode::BAD_REQUEST, "cannot read the body\n").into_response();
+        }
+    };
+    receive_batch(st, body).await.into_response()
+}
+
+async fn receive_batch(st: PeerState, body: Bytes) -> (StatusCode, &'static str) {
     let msgs = match decode_batch(&body) {
         Ok(m) => m,
         Err(e) => {

@@ -275,6 +275,168 @@ async fn messages_from_a_removed_member_get_410() {
     );
 }
 
+/// A node of another cluster with the same (default) token is refused with 412: cluster B's
+/// members 1 and 2 list cluster A's node 3 as their member 3, elect a leader and send it
+/// raft traffic; A's node 3 answers 412 (B's nodes log it), keeps following A's leader,
+/// serves A's writes and never B's, and A's cluster id (on `/status`) differs from B's. A peer
+/// request carrying another cluster id gets 412 even with the right token.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_of_another_cluster_with_the_same_token_gets_412() {
+    let a = Cluster::start(3);
+    let leader = a.wait_leader().await;
+    assert_eq!(
+        put(a.node(leader).client_port, "a-key", "a").await,
+        StatusCode::NO_CONTENT
+    );
+    let a3 = a.node(3).peer_url.clone();
+    let mut b = Cluster::new(3, &[]);
+    let b_cluster = format!("{},{},{a3}", b.node(1).peer_url, b.node(2).peer_url);
+    for id in [1, 2] {
+        b.node_mut(id).cluster = b_cluster.clone();
+        b.node_mut(id).start(&[]);
+    }
+    let b_leader = loop {
+        if let Some(l) = b.leader_among(&[1, 2]).await {
+            break l;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        put(b.node(b_leader).client_port, "b-key", "b").await,
+        StatusCode::NO_CONTENT
+    );
+    let bl = b.node(b_leader);
+    wait_until(
+        TIMEOUT,
+        "B's leader logs that A's node 3 refuses it",
+        || async {
+            bl.log()
+                .contains("rejects this node's cluster token or cluster id")
+        },
+    )
+    .await;
+    assert_eq!(
+        put(a.node(leader).client_port, "a-key2", "a2").await,
+        StatusCode::NO_CONTENT
+    );
+    let port3 = a.node(3).client_port;
+    wait_until(TIMEOUT, "A's node 3 applied a-key2", || {
+        common::serves(port3, "a-key2", "a2")
+    })
+    .await;
+    let s3 = status(&a3).await.expect("A's node 3 is up");
+    assert_eq!(s3["leader"].as_u64(), Some(leader), "{s3}");
+    assert_eq!(get(port3, "b-key").await.0, StatusCode::NOT_FOUND);
+    let a_id = s3["cluster_id"].as_str().expect("cluster_id").to_string();
+    let sb = status(&b.node(b_leader).peer_url)
+        .await
+        .expect("B's status");
+    assert_ne!(sb["cluster_id"].as_str(), Some(a_id.as_str()));
+    for id in 1..=3 {
+        let s = status(&a.node(id).peer_url).await.expect("status");
+        assert_eq!(s["cluster_id"].as_str(), Some(a_id.as_str()), "{s}");
+    }
+    let foreign = plain_client()
+        .post(format!("{a3}/raft"))
+        .header(CLUSTER_HEADER, DEFAULT_TOKEN)
+        .header("X-Raftexample-Cluster-Id", "0123456789abcdef")
+        .body(Vec::new())
+        .send()
+        .await
+        .expect("POST /raft");
+    assert_eq!(foreign.status(), StatusCode::PRECONDITION_FAILED);
+}
+
+/// A member added later and started as the README says (`--join`, and a `--cluster` that
+/// lists it too) learns the cluster id from the cluster, keeps it across a restart, and
+/// takes part: it serves data written before and after.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_joined_member_learns_the_cluster_id() {
+    let mut cluster = Cluster::start(3);
+    let leader = cluster.wait_leader().await;
+    let lport = cluster.node(leader).client_port;
+    assert_eq!(put(lport, "before", "1").await, StatusCode::NO_CONTENT);
+    let id = cluster.add_node();
+    let url = cluster.node(id).peer_url.clone();
+    assert_eq!(
+        common::post_member(lport, id, &url).await,
+        StatusCode::NO_CONTENT
+    );
+    cluster.node_mut(id).start_join();
+    let port4 = cluster.node(id).client_port;
+    wait_until(
+        TIMEOUT,
+        "node 4 serves the data written before it joined",
+        || common::serves(port4, "before", "1"),
+    )
+    .await;
+    let want = status(&cluster.node(1).peer_url).await.expect("status")["cluster_id"].clone();
+    assert!(want.is_string(), "node 1 has no cluster id");
+    let s4 = status(&url).await.expect("node 4 status");
+    assert_eq!(s4["cluster_id"], want, "{s4}");
+    cluster.node_mut(id).kill9();
+    cluster.node_mut(id).start_join();
+    wait_until(TIMEOUT, "node 4 answers again", || async {
+        status(&url).await.is_some()
+    })
+    .await;
+    let s4 = status(&url).await.expect("node 4 status");
+    assert_eq!(s4["cluster_id"], want, "after a restart: {s4}");
+    assert_eq!(put(port4, "after", "2").await, StatusCode::NO_CONTENT);
+    let p1 = cluster.node(1).client_port;
+    wait_until(TIMEOUT, "node 1 serves node 4's write", || {
+        common::serves(p1, "after", "2")
+    })
+    .await;
+}
+
+/// Peer messages that made raft-rs panic (a heartbeat claiming a commit index beyond the
+/// receiver's log, from a member and from a stranger; a ReadIndex request without its
+/// context) are dropped or repaired: both nodes stay up and the cluster keeps committing.
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_peer_messages_do_not_crash_a_node() {
+    let cluster = Cluster::start(3);
+    let leader = cluster.wait_leader().await;
+    let follower = if leader == 1 { 2 } else { 1 };
+    let (lpeer, fpeer) = (
+        cluster.node(leader).peer_url.clone(),
+        cluster.node(follower).peer_url.clone(),
+    );
+    let (term, ..) = raft_state(&status(&fpeer).await.expect("status"));
+    let hb = |from: u64| {
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgHeartbeat);
+        (m.from, m.to, m.term, m.commit) = (from, follower, term, 1 << 40);
+        m
+    };
+    let batch = raftexample::transport::encode_batch(&[hb(99), hb(leader)]);
+    assert_eq!(
+        peer_post(&fpeer, "/raft", Some(DEFAULT_TOKEN), batch).await,
+        StatusCode::NO_CONTENT
+    );
+    let mut read = Message::default();
+    read.set_msg_type(MessageType::MsgReadIndex);
+    (read.from, read.to, read.term) = (follower, leader, term);
+    let batch = raftexample::transport::encode_batch(&[read]);
+    assert_eq!(
+        peer_post(&lpeer, "/raft", Some(DEFAULT_TOKEN), batch).await,
+        StatusCode::NO_CONTENT
+    );
+    let fport = cluster.node(follower).client_port;
+    let lport = cluster.node(leader).client_port;
+    wait_until(TIMEOUT, "a write is served by the follower", || async {
+        put(lport, "k", "v").await == StatusCode::NO_CONTENT
+            && common::serves(fport, "k", "v").await
+    })
+    .await;
+    for id in [leader, follower] {
+        assert!(
+            !cluster.node(id).log().contains("panicked"),
+            "node {id} panicked"
+        );
+    }
+}
+
 /// Bad security settings are one-line errors and a non-zero exit, before the node serves:
 /// certificate files that do not exist or hold no PEM, an `https://` peer URL without the peer
 /// TLS flags, `http://` peer URLs with them, and a token that cannot be a header. (Half a set
@@ -495,6 +657,49 @@ async fn a_body_that_never_arrives_gets_408() {
         "unexpected answer: {answer:?}"
     );
     assert_eq!(get(port, "slow").await.0, StatusCode::NOT_FOUND);
+}
+
+/// `POST /raft` is bounded: a body announced larger than the largest snapshot a node can
+/// write (4 GiB of data) gets 413 at once, before the node reads or buffers any of it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_raft_body_larger_than_any_snapshot_gets_413_at_once() {
+    let cluster = Cluster::start(1);
+    cluster.wait_leader().await;
+    let peer = cluster.node(1).peer_url.clone();
+    let port: u16 = peer
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("peer port");
+    let mut conn = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect to the peer port");
+    let head = format!(
+        "POST /raft HTTP/1.1\r\nHost: 127.0.0.1\r\n{CLUSTER_HEADER}: {DEFAULT_TOKEN}\r\n\
+         Content-Type: application/x-protobuf\r\nContent-Length: {}\r\n\r\n",
+        5u64 << 30
+    );
+    conn.write_all(head.as_bytes())
+        .await
+        .expect("send the head");
+    conn.write_all(&[0; 1024])
+        .await
+        .expect("send the start of the body");
+    let mut answer = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut answer))
+        .await
+        .expect("no answer within 5 s: the node waits for the 5 GiB body")
+        .expect("read the answer");
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(
+        answer.starts_with("HTTP/1.1 413"),
+        "unexpected answer: {answer:?}"
+    );
+    // The node is unharmed.
+    assert_eq!(
+        put(cluster.node(1).client_port, "k", "v").await,
+        StatusCode::NO_CONTENT
+    );
 }
 
 // ----- TLS
