@@ -15,8 +15,7 @@
 //! gets 412; one without is let through (the token still applies), so that a node that does
 //! not know the id yet can talk, as can one of a version that sends none.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -25,6 +24,7 @@ use axum::http::HeaderValue;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::vfs::Disk;
 
 /// Header carrying the sender's cluster id, as 16 hex digits.
 pub const HEADER: &str = "x-raftexample-cluster-id";
@@ -58,9 +58,9 @@ pub fn parse(s: &[u8]) -> Option<u64> {
 }
 
 /// The id kept in `dir`, if any.
-pub fn load(dir: &Path) -> io::Result<Option<u64>> {
+pub fn load(disk: &Disk, dir: &Path) -> io::Result<Option<u64>> {
     let path = dir.join(FILE);
-    match fs::read(&path) {
+    match disk.read(&path) {
         Ok(b) => parse(b.trim_ascii()).map(Some).ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -74,23 +74,14 @@ pub fn load(dir: &Path) -> io::Result<Option<u64>> {
 
 /// Keeps `id` in `dir` (created if missing) durably: a temporary file, fsynced, renamed over
 /// the old one, and the directory fsynced.
-pub fn store(dir: &Path, id: u64) -> io::Result<()> {
-    if !dir.is_dir() {
-        fs::create_dir_all(dir)?;
-        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-            File::open(parent)?.sync_all()?;
-        }
-    }
+pub fn store(disk: &Disk, dir: &Path, id: u64) -> io::Result<()> {
+    disk.create_dir_durable(dir)?;
     let tmp = dir.join(format!("{FILE}.tmp"));
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)?;
-    f.write_all(format!("{}\n", format(id)).as_bytes())?;
+    let mut f = disk.create(&tmp)?;
+    f.write_at(format!("{}\n", format(id)).as_bytes(), 0)?;
     f.sync_all()?;
-    fs::rename(&tmp, dir.join(FILE))?;
-    File::open(dir)?.sync_all()
+    disk.rename(&tmp, &dir.join(FILE))?;
+    disk.sync_dir(dir)
 }
 
 /// This node's cluster id, shared by the transport (which sends it) and the peer listener
@@ -100,6 +91,7 @@ pub struct ClusterId {
     id: Arc<AtomicU64>,
     /// Where it is kept: the node's WAL directory.
     dir: Arc<PathBuf>,
+    disk: Disk,
 }
 
 /// What a peer's cluster id means for its request.
@@ -116,10 +108,11 @@ pub enum Admit {
 
 impl ClusterId {
     /// Not known yet, kept in `dir` once learnt.
-    pub fn unknown(dir: PathBuf) -> ClusterId {
+    pub fn unknown(disk: Disk, dir: PathBuf) -> ClusterId {
         ClusterId {
             id: Arc::new(AtomicU64::new(0)),
             dir: Arc::new(dir),
+            disk,
         }
     }
 
@@ -132,9 +125,9 @@ impl ClusterId {
             context: format!("cluster id in {}", dir.display()),
             source: e,
         };
-        let id = ClusterId::unknown(dir.clone());
-        if crate::wal::Wal::exists(&dir) {
-            match load(&dir).map_err(io)? {
+        let id = ClusterId::unknown(cfg.disk.clone(), dir.clone());
+        if crate::wal::Wal::exists(&cfg.disk, &dir) {
+            match load(&cfg.disk, &dir).map_err(io)? {
                 Some(v) => id.id.store(v, Ordering::Relaxed),
                 None => slog::info!(
                     logger,
@@ -146,7 +139,7 @@ impl ClusterId {
             let peers = cfg.peers()?;
             let urls: Vec<&str> = peers.iter().map(|(_, u)| u.url.as_str()).collect();
             let v = compute(&urls, &cfg.cluster_token);
-            store(&dir, v).map_err(io)?;
+            store(&cfg.disk, &dir, v).map_err(io)?;
             id.id.store(v, Ordering::Relaxed);
         }
         Ok(id)
@@ -180,7 +173,7 @@ impl ClusterId {
     /// Stores the id (after [`Admit::Learned`]).
     pub fn store(&self) -> io::Result<()> {
         match self.get() {
-            Some(id) => store(&self.dir, id),
+            Some(id) => store(&self.disk, &self.dir, id),
             None => Ok(()),
         }
     }
@@ -208,15 +201,15 @@ mod tests {
     fn stored_and_learnt() {
         let dir = tempfile::tempdir().unwrap();
         let sub = dir.path().join("raftexample-1");
-        assert_eq!(load(&sub).unwrap(), None);
-        let id = ClusterId::unknown(sub.clone());
+        assert_eq!(load(&Disk::default(), &sub).unwrap(), None);
+        let id = ClusterId::unknown(Disk::default(), sub.clone());
         assert_eq!(id.header(), None);
         assert_eq!(id.admit(7), Admit::Learned);
         assert_eq!(id.admit(7), Admit::Same);
         assert_eq!(id.admit(8), Admit::Foreign { ours: 7 });
         id.store().unwrap();
-        assert_eq!(load(&sub).unwrap(), Some(7));
+        assert_eq!(load(&Disk::default(), &sub).unwrap(), Some(7));
         std::fs::write(sub.join(FILE), "junk").unwrap();
-        assert!(load(&sub).is_err());
+        assert!(load(&Disk::default(), &sub).is_err());
     }
 }

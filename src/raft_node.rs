@@ -27,7 +27,7 @@ use crate::snap::Snapshotter;
 use crate::storage::RaftStorage;
 use crate::transport::{Report, Transport};
 use crate::wal::writer::{Job, Persisted, Writer, WriterError};
-use crate::wal::{Wal, WalOptions};
+use crate::wal::{Recovered, Wal, WalOptions};
 
 const TICK: Duration = Duration::from_millis(100);
 /// Proposals (or peer messages) taken from a channel before the next Ready: one fsync covers
@@ -426,7 +426,6 @@ impl RaftNode {
         let snapshotter = Snapshotter::new(&cfg.disk, &cfg.snap_dir(), logger)?;
         // Now, before any snapshot thread or WAL writer runs, is the only safe time.
         snapshotter.remove_tmp_files()?;
-        let old_wal = Wal::exists(&cfg.disk, &cfg.wal_dir());
         let (mut wal, rec) = Wal::open(
             &cfg.wal_dir(),
             WalOptions {
@@ -436,6 +435,10 @@ impl RaftNode {
             },
             logger,
         )?;
+        // A WAL that holds nothing is a first start that a crash interrupted before the
+        // bootstrap entries were durable (the empty segment is created first): this node has
+        // promised nothing yet, so it bootstraps again.
+        let old_wal = rec != Recovered::default();
         let mut storage = RaftStorage::new(cfg.disk.clone());
         let mut members: BTreeMap<u64, String> =
             peers.iter().map(|(id, u)| (*id, u.url.clone())).collect();
@@ -1649,7 +1652,7 @@ mod tests {
             shutdown: CancellationToken::new(),
             peer_client: crate::peer_client::PeerClient::from_config(
                 &cfg,
-                crate::cluster_id::ClusterId::unknown(cfg.wal_dir()),
+                crate::cluster_id::ClusterId::unknown(cfg.disk.clone(), cfg.wal_dir()),
             )
             .unwrap(),
         };

@@ -477,3 +477,37 @@ async fn cluster_survives_whole_cluster_power_cuts() {
         }
     }
 }
+
+/// A power cut during any sync of a node's very first start (data directories, cluster id,
+/// the first WAL segment, the bootstrap entries) leaves a node that starts and serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn power_cut_during_the_first_start() {
+    let (ls, cluster) = peer_listeners(1).await;
+    let mut n = SimNode {
+        id: 1,
+        peer: format!("http://{}", ls[0].local_addr().expect("bound")),
+        disk: SimDisk::with_dir(Path::new("/data")),
+        node: None,
+    };
+    drop(ls);
+    for sync in 0..10 {
+        n.disk = SimDisk::with_dir(Path::new("/data"));
+        n.disk.fail_at_sync(sync);
+        start(&mut n, &cluster, &[]).await;
+        cut(&mut n, sync).await;
+        start(&mut n, &cluster, &[]).await;
+        let base = n.node.as_ref().expect("running").client.clone();
+        let ok = wait_until(Duration::from_secs(10), || async {
+            put(&http(), &base, "/k", b"v").await == 204
+        })
+        .await;
+        let k = n.node.take().expect("running");
+        if k.task.is_finished() {
+            let res = k.task.await.expect("no panic");
+            panic!("after a cut at sync {sync} of the first start: {res:?}");
+        }
+        assert!(ok, "no PUT after a cut at sync {sync} of the first start");
+        n.node = Some(k);
+        stop(&mut n).await;
+    }
+}
