@@ -448,12 +448,7 @@ impl RaftNode {
 
         // Only a snapshot the WAL vouches for (its marker is at or below the durable commit)
         // matches the log that follows.
-        let valid: Vec<(u64, u64)> = rec
-            .snapshots
-            .iter()
-            .filter(|s| s.index <= rec.hard_state.commit)
-            .map(|s| (s.term, s.index))
-            .collect();
+        let valid = rec.valid_snapshots();
         if let Some(snap) = snapshotter.load_newest_available(&valid)? {
             let meta = snap.get_metadata();
             snapshot_index = meta.index;
@@ -1660,6 +1655,30 @@ mod tests {
             Box::new(|| Box::new(crate::kvstore::Captured(crate::kvstore::Map::new())));
         let node = RaftNode::recover(&cfg, &shared, get_snapshot, &discard()).unwrap();
         (node, commit_rx)
+    }
+
+    /// A snapshot installed from the leader is not kept in memory (a joining node held a whole
+    /// large map twice): the storage keeps its metadata and serves it from the file the WAL
+    /// writer saves.
+    #[tokio::test]
+    async fn installed_snapshot_is_not_kept_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut node, _commit_rx) = bootstrapped(dir.path(), 1);
+        let members: BTreeMap<u64, String> = [(1, "http://127.0.0.1:1".to_string())].into();
+        let kv = crate::kvstore::Captured(crate::kvstore::Map::new());
+        let mut data = snapshot_data_header(&members, &BTreeSet::new(), kv.encoded_len());
+        kv.write_to(&mut data).unwrap();
+        let mut snap = Snapshot {
+            data: data.into(),
+            ..Default::default()
+        };
+        snap.mut_metadata().index = 10;
+        snap.mut_metadata().term = 2;
+        snap.mut_metadata().mut_conf_state().voters = vec![1];
+        node.install_snapshot(snap).await.unwrap();
+        let kept = node.node.store().last_snapshot();
+        assert_eq!(kept.get_metadata().index, 10);
+        assert!(kept.data.is_empty(), "{} bytes kept", kept.data.len());
     }
 
     fn put_entry(index: u64, id: u64) -> Entry {

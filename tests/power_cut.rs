@@ -140,12 +140,7 @@ fn run_seed(seed: u64) {
         Err(e) => panic!("no restart after the cut: {e}; replay: {replay}"),
     };
     check_log(&rec, &written, &synced, &replay);
-    let valid: Vec<(u64, u64)> = rec
-        .snapshots
-        .iter()
-        .filter(|s| s.index <= rec.hard_state.commit)
-        .map(|s| (s.term, s.index))
-        .collect();
+    let valid = rec.valid_snapshots();
     let after_vfs = Disk::new(std::sync::Arc::new(after.clone()));
     let snapper = Snapshotter::new(&after_vfs, &snap_dir, &logger()).expect("snap dir");
     let loaded = snapper.load_newest_available(&valid).expect("snapshots");

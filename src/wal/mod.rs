@@ -163,6 +163,22 @@ pub struct Recovered {
     pub snapshots: Vec<WalSnapshot>,
 }
 
+impl Recovered {
+    /// `(term, index)` of the snapshots recovery may start from: only one whose marker is at
+    /// or below the durable commit matches the log that follows it.
+    pub fn valid_snapshots(&self) -> Vec<(u64, u64)> {
+        vouched(&self.snapshots, self.hard_state.commit)
+    }
+}
+
+fn vouched(markers: &[WalSnapshot], commit: u64) -> Vec<(u64, u64)> {
+    markers
+        .iter()
+        .filter(|m| m.index <= commit)
+        .map(|m| (m.term, m.index))
+        .collect()
+}
+
 /// What the writer must remember to cut a new segment.
 #[derive(Debug, Default)]
 struct Tail {
@@ -410,11 +426,7 @@ impl Wal {
     /// (the rule of `RaftNode::recover`).
     pub fn recoverable_snapshots(&self) -> Vec<(u64, u64)> {
         let commit = self.tail.hard_state.as_ref().map_or(0, |hs| hs.commit);
-        self.markers
-            .iter()
-            .filter(|m| m.index <= commit)
-            .map(|m| (m.term, m.index))
-            .collect()
+        vouched(&self.markers, commit)
     }
 
     /// Syncs and cuts the zeros written ahead off, for a clean stop.

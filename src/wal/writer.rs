@@ -312,12 +312,7 @@ mod tests {
     /// is at or below the durable commit.
     fn recover(dir: &Path) -> (super::super::Recovered, Option<Snapshot>) {
         let (_, rec) = Wal::open(&dir.join("wal"), WalOptions::default(), &logger()).unwrap();
-        let valid: Vec<(u64, u64)> = rec
-            .snapshots
-            .iter()
-            .filter(|s| s.index <= rec.hard_state.commit)
-            .map(|s| (s.term, s.index))
-            .collect();
+        let valid = rec.valid_snapshots();
         let s =
             Snapshotter::new(&crate::vfs::Disk::default(), &dir.join("snap"), &logger()).unwrap();
         let snap = s.load_newest_available(&valid).unwrap();
