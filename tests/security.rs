@@ -382,7 +382,11 @@ async fn a_joined_member_learns_the_cluster_id() {
     .await;
     let s4 = status(&url).await.expect("node 4 status");
     assert_eq!(s4["cluster_id"], want, "after a restart: {s4}");
-    assert_eq!(put(port4, "after", "2").await, StatusCode::NO_CONTENT);
+    // Answering /status comes before hearing from the leader again (503 until then).
+    wait_until(TIMEOUT, "node 4 takes a PUT after its restart", || async {
+        put(port4, "after", "2").await == StatusCode::NO_CONTENT
+    })
+    .await;
     let p1 = cluster.node(1).client_port;
     wait_until(TIMEOUT, "node 1 serves node 4's write", || {
         common::serves(p1, "after", "2")
