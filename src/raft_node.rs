@@ -1681,6 +1681,20 @@ mod tests {
         assert!(kept.data.is_empty(), "{} bytes kept", kept.data.len());
     }
 
+    /// Holds `n` PUTs of `size`-byte values, ids 0..n, as proposers would.
+    fn hold_puts(node: &mut RaftNode, n: u64, size: usize) {
+        let value = vec![7u8; size];
+        for id in 0..n {
+            let data = crate::kvstore::Put {
+                id,
+                key: b"/k",
+                value: &value,
+            }
+            .encode();
+            node.held.push(Proposal { id, data });
+        }
+    }
+
     fn put_entry(index: u64, id: u64) -> Entry {
         Entry {
             term: 1,
@@ -1736,16 +1750,7 @@ mod tests {
         (hb.from, hb.to, hb.term, hb.commit) = (2, 1, 2, 2);
         node.step(hb);
         assert_eq!(node.node.raft.leader_id, 2);
-        let value = vec![7u8; 200 << 10];
-        for id in 0..24 {
-            let data = crate::kvstore::Put {
-                id,
-                key: b"/k",
-                value: &value,
-            }
-            .encode();
-            node.held.push(Proposal { id, data });
-        }
+        hold_puts(&mut node, 24, 200 << 10);
         node.held.forwarded([put_entry(0, 99)]);
         assert!(node.propose().is_none(), "nothing dropped");
         let mut rd = node.node.ready();
@@ -1780,16 +1785,7 @@ mod tests {
     async fn refused_proposals_are_reported_by_id() {
         let dir = tempfile::tempdir().unwrap();
         let (mut node, _commit_rx) = bootstrapped(dir.path(), 2);
-        let value = vec![7u8; 200 << 10];
-        for id in 0..24 {
-            let data = crate::kvstore::Put {
-                id,
-                key: b"/k",
-                value: &value,
-            }
-            .encode();
-            node.held.push(Proposal { id, data });
-        }
+        hold_puts(&mut node, 24, 200 << 10);
         match node.propose() {
             Some(Apply::Dropped { ids, .. }) => assert_eq!(ids, (0..24).collect::<Vec<_>>()),
             other => panic!("expected a drop report, got {other:?}"),
