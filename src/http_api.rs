@@ -17,10 +17,10 @@ use raft::prelude::{ConfChange, ConfChangeType};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use crate::channels::{ConfChangeError, ConfChangeRequest, NodeStatus, ReadRequest};
 use crate::config::{peer_scheme, PeerUrl, MAX_NODE_ID};
 use crate::kvstore::{KvStore, PutError};
 use crate::peer_client::PeerClient;
-use crate::raft_node::{ConfChangeError, ConfChangeRequest, NodeStatus, ReadRequest};
 
 /// Why a client request failed; each maps to one status code and one line of text.
 #[derive(Debug, thiserror::Error)]

@@ -12,10 +12,10 @@ use std::io::{self, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::raft_node::SnapshotSource;
+use crate::channels::SnapshotSource;
+pub use crate::channels::{Apply, Proposal};
 
 /// The committed key-value pairs. Keys are the request paths, as raftexample has them. A
 /// persistent map: cloning it is O(1), so a snapshot captures it without stopping anything and
@@ -219,34 +219,6 @@ fn get_bytes<'a>(buf: &mut &'a [u8]) -> Result<&'a [u8], DecodeError> {
     Ok(b)
 }
 
-/// What the raft task sends on `commit_rx`; Go's nil-on-commitC becomes `Snapshot`.
-#[derive(Debug)]
-pub enum Apply {
-    /// Normal entries committed up to `index` (no-ops and conf changes count toward `index` but
-    /// carry no data). `applied` fires once all of them are in the map.
-    Entries {
-        index: u64,
-        data: Vec<Bytes>,
-        applied: oneshot::Sender<()>,
-    },
-    /// Replace the whole map with a snapshot taken at `index`.
-    Snapshot { index: u64, data: Bytes },
-    /// Proposals raft refused (say, no leader known): they were never appended anywhere.
-    Dropped { ids: Vec<u64>, reason: String },
-}
-
-/// One proposal for the raft task (the counterpart of raftexample's `proposeC`). Raft reports
-/// only a refusal, through [`Apply::Dropped`] with `id`: a PUT then waits on one channel, and
-/// its task is woken once, when its entry applies.
-#[derive(Debug)]
-pub struct Proposal {
-    /// The request id of the PUT in `data`, under which its waiter is registered.
-    pub id: u64,
-    /// An encoded [`Put`]: self-delimiting, as raft packs the proposals of a batch into one
-    /// entry back to back.
-    pub data: Vec<u8>,
-}
-
 /// The replicated command: a PUT tagged with an id unique to the proposing node's run, so that
 /// only the node that proposed it wakes its client. It borrows its key and value, so applying
 /// an entry copies them once, into the map.
@@ -421,13 +393,13 @@ impl KvStore {
         (self.applied(), hash)
     }
 
-    /// Proposes `key = value` and waits until this node has applied it, or `deadline`.
-    pub async fn put(
+    /// The proposal of a PUT, and what tells when it applied (or why it never will): its
+    /// waiter is registered before the proposal goes anywhere.
+    pub fn prepare_put(
         &self,
         key: &[u8],
         value: &[u8],
-        deadline: tokio::time::Instant,
-    ) -> Result<(), PutError> {
+    ) -> (Proposal, oneshot::Receiver<Result<(), String>>) {
         let id = self.next_id();
         let data = Put { id, key, value }.encode();
         let (applied_tx, applied_rx) = oneshot::channel();
@@ -435,6 +407,17 @@ impl KvStore {
             .lock()
             .expect("waiters lock")
             .insert(id, applied_tx);
+        (Proposal { id, data }, applied_rx)
+    }
+
+    /// Proposes `key = value` and waits until this node has applied it, or `deadline`.
+    pub async fn put(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        deadline: tokio::time::Instant,
+    ) -> Result<(), PutError> {
+        let (Proposal { id, data }, applied_rx) = self.prepare_put(key, value);
         let res = self.propose_and_wait(id, data, applied_rx, deadline).await;
         if res.is_err() {
             self.waiters.lock().expect("waiters lock").remove(&id);

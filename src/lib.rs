@@ -18,6 +18,7 @@
 //!
 //! [`run`] wires them together; one [`CancellationToken`] stops the daemon.
 
+pub mod channels;
 pub mod cluster_id;
 pub mod config;
 pub mod dump;
@@ -27,6 +28,7 @@ pub mod faults;
 pub mod http_api;
 pub mod kvstore;
 pub mod metrics;
+pub mod node;
 pub mod nonce;
 pub mod peer_client;
 pub mod raft_node;
@@ -46,14 +48,13 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+pub use channels::Exit;
 pub use config::Config;
 pub use error::{Error, Result};
-pub use raft_node::Exit;
 
+use channels::{ConfChangeRequest, GetSnapshot, NodeStatus, ReadRequest};
 use kvstore::KvStore;
-use raft_node::{
-    ConfChangeRequest, GetSnapshot, Inputs, NodeStatus, RaftNode, ReadRequest, Shared,
-};
+use raft_node::{Inputs, RaftNode, Shared};
 
 /// Bound of the proposal, read and peer-message channels: enough to batch many requests into
 /// one Ready, small enough to push back on clients when raft falls behind.
@@ -61,7 +62,7 @@ pub const CHANNEL: usize = 4096;
 
 /// What [`start_raft`] hands back (raftexample's `newRaftNode` returns commitC and errorC).
 pub struct RaftHandle {
-    pub commit_rx: mpsc::Receiver<kvstore::Apply>,
+    pub commit_rx: mpsc::Receiver<channels::Apply>,
     /// errorC: the raft task's result, once it stops.
     pub error_rx: oneshot::Receiver<Result<Exit>>,
     pub status: Arc<Mutex<NodeStatus>>,
@@ -79,7 +80,7 @@ pub struct RaftHandle {
 pub fn start_raft(
     cfg: &Config,
     get_snapshot: GetSnapshot,
-    propose_rx: mpsc::Receiver<kvstore::Proposal>,
+    propose_rx: mpsc::Receiver<channels::Proposal>,
     conf_change_rx: mpsc::Receiver<ConfChangeRequest>,
     read_rx: mpsc::Receiver<ReadRequest>,
     logger: &slog::Logger,

@@ -29,6 +29,8 @@ pub struct RaftStorage {
     disk: Disk,
     /// The snapshot file being read for a follower, off the raft task.
     loading: Mutex<Option<Loading>>,
+    /// Read snapshot files on the raft task instead (the simulator: one thread, one seed).
+    inline_reads: bool,
     conf_state: ConfState,
     ents: Vec<Entry>,
 }
@@ -57,9 +59,15 @@ impl RaftStorage {
             snapshot_file: None,
             disk,
             loading: Mutex::new(None),
+            inline_reads: false,
             conf_state: ConfState::default(),
             ents: vec![Entry::default()],
         }
+    }
+
+    /// Snapshot files are read when raft asks, on its own thread, so that a seed replays.
+    pub fn read_snapshots_inline(&mut self) {
+        self.inline_reads = true;
     }
 
     fn offset(&self) -> u64 {
@@ -294,6 +302,10 @@ impl Storage for RaftStorage {
             return Ok(self.snapshot.clone());
         };
         let meta = self.snapshot.get_metadata();
+        if self.inline_reads {
+            return crate::snap::read(&self.disk, path, meta.term, meta.index)
+                .map_err(|_| store_err(StorageError::SnapshotTemporarilyUnavailable));
+        }
         let mut loading = self
             .loading
             .lock()

@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use raft::prelude::{ConfChange, ConfChangeType};
-use raftexample::raft_node::ConfChangeRequest;
+use raftexample::channels::ConfChangeRequest;
 use raftexample::Exit;
 use support::*;
 use tokio::sync::oneshot;
@@ -307,7 +307,7 @@ struct Flaky {
     fail: bool,
 }
 
-impl raftexample::raft_node::SnapshotSource for Flaky {
+impl raftexample::channels::SnapshotSource for Flaky {
     fn encoded_len(&self) -> u64 {
         self.inner.encoded_len()
     }

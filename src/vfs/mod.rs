@@ -1,11 +1,10 @@
 //! The file-system interface under the WAL and the snapshot files: the handful of calls they
 //! make (create, write at, read, sync data, sync all, rename, remove, list, sync dir), so that
-//! the daemon runs them on the OS and the tests on a simulated disk ([`sim`], feature
-//! `fault-injection`) that loses unsynced writes the way a power cut does.
+//! the daemon runs them on the OS and the tests on a simulated disk ([`sim`]) that loses unsynced writes the way a power cut does.
 //!
 //! No channels: a [`Disk`] is a cheap handle, cloned into whoever writes files.
 
-#[cfg(any(test, feature = "fault-injection"))]
+#[doc(hidden)]
 pub mod sim;
 
 use std::fmt;

@@ -90,6 +90,18 @@ struct State {
     /// Syncs to let through before the power fails in the middle of one (see
     /// [`SimDisk::fail_at_sync`]).
     syncs_left: Option<u64>,
+    /// Writes and syncs to let through before one fails with an I/O error (see
+    /// [`SimDisk::fail_op`]).
+    fault: Option<(u64, Fault)>,
+}
+
+/// An error one call fails with while the disk stays up, as a failing or full disk answers.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Fault {
+    /// EIO.
+    Eio,
+    /// ENOSPC.
+    NoSpace,
 }
 
 impl State {
@@ -102,6 +114,24 @@ impl State {
             }
             Some(n) => {
                 self.syncs_left = Some(n - 1);
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// One more write or sync: the one [`SimDisk::fail_op`] picked fails.
+    fn count_op(&mut self) -> io::Result<()> {
+        match self.fault {
+            Some((0, f)) => {
+                self.fault = None;
+                Err(io::Error::from_raw_os_error(match f {
+                    Fault::Eio => 5,
+                    Fault::NoSpace => 28,
+                }))
+            }
+            Some((n, f)) => {
+                self.fault = Some((n - 1, f));
                 Ok(())
             }
             None => Ok(()),
@@ -225,6 +255,12 @@ impl SimDisk {
         self.lock().syncs_left = Some(n);
     }
 
+    /// Lets `n` more writes and syncs through, then fails the next one with `fault`; the disk
+    /// stays up, and what that call was to write or sync is not written or synced.
+    pub fn fail_op(&self, n: u64, fault: Fault) {
+        self.lock().fault = Some((n, fault));
+    }
+
     pub fn is_dead(&self) -> bool {
         self.lock().dead
     }
@@ -273,6 +309,7 @@ impl SimFile {
 impl SimFile {
     fn sync(&mut self) -> io::Result<()> {
         let mut st = self.disk.live()?;
+        st.count_op()?;
         st.count_sync()?;
         st.inodes
             .get_mut(&self.ino)
@@ -284,6 +321,7 @@ impl SimFile {
 
 impl VFile for SimFile {
     fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.disk.live()?.count_op()?;
         self.with(|i| {
             let (lo, hi) = (offset as usize, offset as usize + buf.len());
             let old_len = i.current.len();
@@ -424,6 +462,7 @@ impl Vfs for SimDisk {
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         let mut st = self.live()?;
+        st.count_op()?;
         st.count_sync()?;
         if !has_dir(&st, dir) {
             return Err(not_found(dir));

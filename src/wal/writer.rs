@@ -115,64 +115,71 @@ fn run(
     logger: &slog::Logger,
 ) -> Result<(), WriterError> {
     while let Ok(first) = rx.recv() {
-        let mut sync = false;
-        let mut number = None;
-        let mut messages = Vec::new();
-        let mut next = Some(first);
-        let mut taken = 0;
-        while let Some(job) = next {
-            taken += 1;
-            match job {
-                Job::Append {
-                    number: n,
-                    entries,
-                    hs,
-                    sync: s,
-                    messages: m,
-                } => {
-                    if !entries.is_empty() || hs.is_some() {
-                        wal.save(&entries, hs.as_ref(), false)?;
-                    }
-                    sync |= s;
-                    number = Some(n);
-                    messages.extend(m);
-                }
-                Job::Snapshot(snap) => {
-                    let meta = snap.get_metadata();
-                    snapshotter.save(&snap)?;
-                    wal.save_snapshot(&WalSnapshot {
-                        index: meta.index,
-                        term: meta.term,
-                    })?;
-                }
-                Job::Marker(marker) => wal.save_snapshot(&marker)?,
-                Job::Purge { keep } => {
-                    // Unconditionally: a commit-only HardState is written without a sync.
-                    wal.sync()?;
-                    sync = false;
-                    purge(&mut wal, snapshotter, keep, logger)?;
-                }
-            }
-            // Bounded, so that a steady stream of jobs cannot postpone the fsync forever.
-            next = if taken < MAX_GROUP {
-                rx.try_recv().ok()
-            } else {
-                None
-            };
-        }
-        if sync {
-            let started = Instant::now();
-            wal.sync()?;
-            crate::metrics::wal_fsync(started.elapsed());
-        }
-        if let Some(number) = number {
-            if done_tx.send(Ok(Persisted { number, messages })).is_err() {
+        // Jobs queued while the group is written join it; bounded, so that a steady stream of
+        // jobs cannot postpone the fsync forever.
+        let more = std::iter::from_fn(|| rx.try_recv().ok()).take(MAX_GROUP - 1);
+        let group = std::iter::once(first).chain(more);
+        if let Some(p) = run_group(&mut wal, snapshotter, group, logger)? {
+            if done_tx.send(Ok(p)).is_err() {
                 break;
             }
         }
     }
     wal.close()?;
     Ok(())
+}
+
+/// Executes `jobs` in order and then fsyncs once if any of them asked for it (group commit);
+/// returns what became durable, if the group held a Ready. The writer thread's body, and what
+/// the simulator runs in its place.
+pub fn run_group(
+    wal: &mut Wal,
+    snapshotter: &Snapshotter,
+    jobs: impl Iterator<Item = Job>,
+    logger: &slog::Logger,
+) -> Result<Option<Persisted>, WriterError> {
+    let mut sync = false;
+    let mut number = None;
+    let mut messages = Vec::new();
+    for job in jobs {
+        match job {
+            Job::Append {
+                number: n,
+                entries,
+                hs,
+                sync: s,
+                messages: m,
+            } => {
+                if !entries.is_empty() || hs.is_some() {
+                    wal.save(&entries, hs.as_ref(), false)?;
+                }
+                sync |= s;
+                number = Some(n);
+                messages.extend(m);
+            }
+            Job::Snapshot(snap) => {
+                let meta = snap.get_metadata();
+                snapshotter.save(&snap)?;
+                wal.save_snapshot(&WalSnapshot {
+                    index: meta.index,
+                    term: meta.term,
+                })?;
+            }
+            Job::Marker(marker) => wal.save_snapshot(&marker)?,
+            Job::Purge { keep } => {
+                // Unconditionally: a commit-only HardState is written without a sync.
+                wal.sync()?;
+                sync = false;
+                purge(wal, snapshotter, keep, logger)?;
+            }
+        }
+    }
+    if sync {
+        let started = Instant::now();
+        wal.sync()?;
+        crate::metrics::wal_fsync(started.elapsed());
+    }
+    Ok(number.map(|number| Persisted { number, messages }))
 }
 
 /// [`Job::Purge`] once the WAL is synced. A snapshot file that cannot be deleted is only

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use raftexample::channels::{ConfChangeRequest, GetSnapshot, ReadRequest};
 use raftexample::kvstore::{Apply, Captured, Map, Proposal};
-use raftexample::raft_node::{ConfChangeRequest, GetSnapshot, ReadRequest};
 use raftexample::{start_raft, Config, RaftHandle};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};

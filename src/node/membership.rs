@@ -1,0 +1,238 @@
+//! Who is in the cluster: the members' peer URLs, the ids removed for good, the membership
+//! changes proposed here and waiting to apply, and the checks a change must pass first.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, RwLock};
+
+use raft::prelude::*;
+
+use crate::channels::{ConfChangeError, ConfChangeRequest};
+use crate::config::PeerUrl;
+use crate::storage::RaftStorage;
+
+/// A change the transport must make to its peer set.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PeerChange {
+    Add(u64, String),
+    Remove(u64),
+}
+
+/// What applying a membership change did to this node.
+#[derive(Debug, PartialEq)]
+pub enum Applied {
+    Changed,
+    /// This node itself was removed.
+    RemovedSelf,
+}
+
+pub struct Membership {
+    pub members: BTreeMap<u64, String>,
+    /// Shared with the `/raft` handler, which answers 410 to these ids.
+    pub removed: Arc<RwLock<HashSet<u64>>>,
+    pending: HashMap<u64, tokio::sync::oneshot::Sender<Result<(), ConfChangeError>>>,
+    /// The status has not yet seen the current members.
+    pub changed: bool,
+}
+
+impl Membership {
+    pub fn new(members: BTreeMap<u64, String>, removed: Arc<RwLock<HashSet<u64>>>) -> Membership {
+        Membership {
+            members,
+            removed,
+            pending: HashMap::new(),
+            changed: true,
+        }
+    }
+
+    pub fn is_removed(&self, id: u64) -> bool {
+        self.removed.read().expect("removed-set lock").contains(&id)
+    }
+
+    pub fn removed_ids(&self) -> std::collections::BTreeSet<u64> {
+        self.removed
+            .read()
+            .expect("removed-set lock")
+            .iter()
+            .copied()
+            .collect()
+    }
+
+    /// The peers to send to: every member not removed, this node excluded by the transport.
+    pub fn peers(&self) -> Vec<PeerChange> {
+        let removed = self.removed.read().expect("removed-set lock");
+        self.members
+            .iter()
+            .filter(|(id, _)| !removed.contains(id))
+            .map(|(id, url)| PeerChange::Add(*id, url.clone()))
+            .collect()
+    }
+
+    /// Takes the membership of a snapshot; returns the peer changes it makes.
+    pub fn restore(
+        &mut self,
+        members: BTreeMap<u64, String>,
+        removed: std::collections::BTreeSet<u64>,
+    ) -> Vec<PeerChange> {
+        let mut changes: Vec<PeerChange> = members
+            .iter()
+            .filter(|(id, _)| !removed.contains(id))
+            .map(|(id, url)| PeerChange::Add(*id, url.clone()))
+            .collect();
+        changes.extend(
+            self.members
+                .keys()
+                .filter(|id| !members.contains_key(id))
+                .map(|id| PeerChange::Remove(*id)),
+        );
+        self.members = members;
+        *self.removed.write().expect("removed-set lock") = removed.into_iter().collect();
+        self.changed = true;
+        changes
+    }
+
+    /// True if a conf change may still be in flight: raft's own check (leader only), one of
+    /// ours not yet applied, or one in the unapplied part of the log.
+    fn pending(&mut self, node: &RawNode<RaftStorage>, applied: u64) -> bool {
+        self.pending.retain(|_, tx| !tx.is_closed());
+        if node.raft.has_pending_conf() || !self.pending.is_empty() {
+            return true;
+        }
+        let store = node.store();
+        let last = raft::Storage::last_index(store).unwrap_or(0);
+        let lo = applied.max(
+            raft::Storage::first_index(store)
+                .unwrap_or(1)
+                .saturating_sub(1),
+        ) + 1;
+        lo <= last
+            && raft::Storage::entries(
+                store,
+                lo,
+                last + 1,
+                None,
+                raft::GetEntriesContext::empty(false),
+            )
+            .map(|ents| {
+                ents.iter()
+                    .any(|e| e.get_entry_type() != EntryType::EntryNormal)
+            })
+            .unwrap_or(true)
+    }
+
+    fn check(
+        &mut self,
+        node: &RawNode<RaftStorage>,
+        applied: u64,
+        cc: &ConfChange,
+    ) -> Result<(), ConfChangeError> {
+        let id = cc.node_id;
+        let cs = node.store().conf_state();
+        let is_member = cs.voters.contains(&id) || cs.learners.contains(&id);
+        let adding = cc.get_change_type() != ConfChangeType::RemoveNode;
+        let leader = node.raft.leader_id;
+        match () {
+            _ if adding && self.is_removed(id) => Err(ConfChangeError::Removed(id)),
+            _ if adding && is_member => Err(ConfChangeError::AlreadyMember(id)),
+            _ if !adding && !is_member => Err(ConfChangeError::NotMember(id)),
+            _ if leader == raft::INVALID_ID => {
+                Err(ConfChangeError::Dropped("no leader known".into()))
+            }
+            _ if leader != node.raft.id => match self.members.get(&leader) {
+                Some(url) => Err(ConfChangeError::NotLeader {
+                    leader,
+                    url: url.clone(),
+                }),
+                None => Err(ConfChangeError::Dropped(
+                    "the leader's URL is unknown".into(),
+                )),
+            },
+            _ if self.pending(node, applied) => Err(ConfChangeError::Pending),
+            _ => Ok(()),
+        }
+    }
+
+    /// Checks a change and proposes it; its requester hears back once it applies.
+    pub fn propose(
+        &mut self,
+        node: &mut RawNode<RaftStorage>,
+        applied: u64,
+        req: ConfChangeRequest,
+    ) {
+        if let Err(e) = self.check(node, applied, &req.cc) {
+            let _ = req.done.send(Err(e));
+            return;
+        }
+        let cc_id = req.cc.id;
+        match node.propose_conf_change(vec![], req.cc) {
+            Ok(()) => {
+                self.pending.insert(cc_id, req.done);
+            }
+            Err(e) => {
+                let _ = req.done.send(Err(ConfChangeError::Dropped(e.to_string())));
+            }
+        }
+    }
+
+    /// Applies a committed change to raft and to the member list, and answers its requester.
+    pub fn apply(
+        &mut self,
+        node: &mut RawNode<RaftStorage>,
+        cc: ConfChange,
+        peers: &mut Vec<PeerChange>,
+        logger: &slog::Logger,
+    ) -> Option<Applied> {
+        let id = cc.node_id;
+        let result = match node.apply_conf_change(&cc) {
+            Ok(cs) => {
+                node.mut_store().set_conf_state(cs);
+                Ok(())
+            }
+            Err(e) => {
+                slog::error!(logger, "conf change rejected by raft"; "node" => id, "error" => %e);
+                Err(ConfChangeError::Dropped(e.to_string()))
+            }
+        };
+        let applied = result
+            .is_ok()
+            .then(|| self.record(node.raft.id, &cc, peers, logger));
+        if let Some(done) = self.pending.remove(&cc.id) {
+            let _ = done.send(result);
+        }
+        applied
+    }
+
+    fn record(
+        &mut self,
+        own: u64,
+        cc: &ConfChange,
+        peers: &mut Vec<PeerChange>,
+        logger: &slog::Logger,
+    ) -> Applied {
+        let id = cc.node_id;
+        self.changed = true;
+        if cc.get_change_type() == ConfChangeType::RemoveNode {
+            self.members.remove(&id);
+            self.removed.write().expect("removed-set lock").insert(id);
+            if id == own {
+                slog::info!(
+                    logger,
+                    "this node was removed from the cluster; shutting down"
+                );
+                return Applied::RemovedSelf;
+            }
+            peers.push(PeerChange::Remove(id));
+            slog::info!(logger, "member removed"; "node" => id);
+            return Applied::Changed;
+        }
+        match std::str::from_utf8(&cc.context).map(PeerUrl::parse) {
+            Ok(Ok(url)) => {
+                peers.push(PeerChange::Add(id, url.url.clone()));
+                self.members.insert(id, url.url);
+            }
+            _ if cc.context.is_empty() => {}
+            _ => slog::error!(logger, "added member has an invalid peer URL"; "node" => id),
+        }
+        slog::info!(logger, "member added"; "node" => id);
+        Applied::Changed
+    }
+}

@@ -1,0 +1,128 @@
+//! Linearizable reads: batches the waiting ReadIndex requests into rounds, issues them to raft
+//! and answers each request with the read index its round got (or an error).
+
+use std::collections::VecDeque;
+
+use raft::prelude::*;
+
+use crate::channels::{ReadError, ReadRequest};
+use crate::storage::RaftStorage;
+
+/// Ticks after which an unanswered ReadIndex round is issued again (the first may have been
+/// dropped by a leader change).
+const READ_RETRY_TICKS: u32 = 5;
+
+/// Batches linearizable reads: one ReadIndex round is in flight at a time, and every read that
+/// arrives meanwhile waits for the next, which they all share (as etcd's read loop does); under
+/// load a round answers as many reads as there are clients, for one heartbeat exchange. Any
+/// read state for round `c` also answers rounds issued before it, since they started earlier.
+///
+/// A round's context is `node id | boot nonce | round number` (etcd's is alike): the leader
+/// keys pending requests by context and drops one whose context is already pending, so
+/// contexts must differ between nodes, and an answer that reaches a restarted node must not
+/// resolve the new boot's reads with an index read for the old one.
+pub struct ReadBatcher {
+    /// Node id and boot nonce, big-endian: the first [`CTX_PREFIX`] bytes of every context.
+    prefix: [u8; CTX_PREFIX],
+    pub queued: Vec<ReadRequest>,
+    inflight: VecDeque<(u64, Vec<ReadRequest>)>,
+    next_ctx: u64,
+    idle_ticks: u32,
+}
+
+const CTX_PREFIX: usize = 16;
+
+impl ReadBatcher {
+    pub fn new(id: u64, nonce: u64) -> ReadBatcher {
+        let mut prefix = [0; CTX_PREFIX];
+        prefix[..8].copy_from_slice(&id.to_be_bytes());
+        prefix[8..].copy_from_slice(&nonce.to_be_bytes());
+        ReadBatcher {
+            prefix,
+            queued: Vec::new(),
+            inflight: VecDeque::new(),
+            next_ctx: 0,
+            idle_ticks: 0,
+        }
+    }
+
+    fn issue(&mut self, node: &mut RawNode<RaftStorage>, batch: Vec<ReadRequest>) {
+        self.next_ctx += 1;
+        let mut ctx = Vec::with_capacity(CTX_PREFIX + 8);
+        ctx.extend_from_slice(&self.prefix);
+        ctx.extend_from_slice(&self.next_ctx.to_be_bytes());
+        node.read_index(ctx);
+        self.inflight.push_back((self.next_ctx, batch));
+        self.idle_ticks = 0;
+    }
+
+    /// The round number in `ctx` if this boot of this node issued it.
+    pub fn round(&self, ctx: &[u8]) -> Option<u64> {
+        let (prefix, n) = ctx.split_at_checked(CTX_PREFIX)?;
+        if prefix != self.prefix {
+            return None;
+        }
+        Some(u64::from_be_bytes(n.try_into().ok()?))
+    }
+
+    pub fn flush(&mut self, node: &mut RawNode<RaftStorage>) {
+        if self.queued.is_empty() || !self.inflight.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.queued);
+        if node.raft.leader_id == raft::INVALID_ID {
+            for r in batch {
+                let _ = r.send(Err(ReadError::NoLeader));
+            }
+            return;
+        }
+        self.issue(node, batch);
+    }
+
+    pub fn on_tick(&mut self, node: &mut RawNode<RaftStorage>) {
+        for (_, batch) in self.inflight.iter_mut() {
+            batch.retain(|r| !r.is_closed());
+        }
+        while self.inflight.front().is_some_and(|(_, b)| b.is_empty()) {
+            self.inflight.pop_front();
+        }
+        if self.inflight.is_empty() {
+            return;
+        }
+        self.idle_ticks += 1;
+        if self.idle_ticks < READ_RETRY_TICKS {
+            return;
+        }
+        if node.raft.leader_id == raft::INVALID_ID {
+            self.fail_all(ReadError::NoLeader);
+        } else {
+            self.issue(node, Vec::new());
+        }
+    }
+
+    pub fn resolve(&mut self, states: Vec<ReadState>) {
+        for rs in states {
+            let Some(ctx) = self.round(&rs.request_ctx) else {
+                // Another boot's (or garbage): its index says nothing about our rounds.
+                continue;
+            };
+            while self.inflight.front().is_some_and(|(c, _)| *c <= ctx) {
+                let (_, batch) = self.inflight.pop_front().expect("front exists");
+                for r in batch {
+                    let _ = r.send(Ok(rs.index));
+                }
+            }
+        }
+    }
+
+    pub fn fail_all(&mut self, e: ReadError) {
+        for (_, batch) in self.inflight.drain(..) {
+            for r in batch {
+                let _ = r.send(Err(e.clone()));
+            }
+        }
+        for r in self.queued.drain(..) {
+            let _ = r.send(Err(e.clone()));
+        }
+    }
+}
