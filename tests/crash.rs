@@ -265,18 +265,15 @@ async fn torn_tail_is_repaired_at_startup() {
     let mut cluster = single(&[]).await;
     let mut acked = Acked::new();
     type Damage = fn(&[u8]) -> Vec<u8>;
-    let damages: [(&str, Damage); 3] = [
+    // (A whole record after the end whose CRC does not chain is not a torn write: no write
+    // of the WAL's stops there. It is refused as damage; see `wal::tests`.)
+    let damages: [(&str, Damage); 2] = [
         ("the last entry record without its last 3 bytes", |last| {
             last[..last.len() - 3].to_vec()
         }),
         ("the last entry record after 4 KiB of zeros", |last| {
             let mut v = vec![0; 4096];
             v.extend_from_slice(last);
-            v
-        }),
-        ("a full copy of the last entry record, then zeros", |last| {
-            let mut v = last.to_vec();
-            v.extend_from_slice(&[0; 512]);
             v
         }),
     ];

@@ -283,6 +283,20 @@ impl SimDisk {
         Ok(())
     }
 
+    /// The files under `dir` with the length of their synced content, by name.
+    pub fn synced_files(&self, dir: &Path) -> Vec<(PathBuf, u64)> {
+        let st = self.lock();
+        st.durable
+            .iter()
+            .filter(|(p, _)| p.starts_with(dir))
+            .filter_map(|(p, e)| match e {
+                Entry::File(ino) => Some((p.clone(), st.inodes[ino].durable.len() as u64)),
+                Entry::Dir => None,
+            })
+            .filter(|(_, len)| *len > 0)
+            .collect()
+    }
+
     /// Bytes written but not synced, over every file: what a power cut may lose.
     pub fn unsynced_pages(&self) -> usize {
         self.lock().inodes.values().map(|i| i.dirty.len()).sum()
