@@ -266,6 +266,10 @@ fn run_seed(seed: u64) -> Result<World, Box<(World, String)>> {
     }
 }
 
+/// Seeds that found a defect, run on top of the default range. Seeds replay only the
+/// simulator they were found with; the defect's own unit test pins it for good.
+const REGRESSIONS: [u64; 0] = [];
+
 fn seeds() -> Vec<u64> {
     if let Some(s) = std::env::var("SIM_SEED").ok().and_then(|s| s.parse().ok()) {
         return vec![s];
@@ -274,7 +278,9 @@ fn seeds() -> Vec<u64> {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(300);
-    (1..=n).collect()
+    let mut seeds: Vec<u64> = (1..=n).collect();
+    seeds.extend(REGRESSIONS.iter().filter(|&&s| s > n));
+    seeds
 }
 
 #[test]

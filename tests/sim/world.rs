@@ -228,7 +228,13 @@ impl World {
 
     pub fn put(&mut self, id: u64, key: &str) {
         self.next_value += 1;
-        let value = format!("v{}", self.next_value);
+        // Now and then a value of a few pages: its WAL record can be torn across pages.
+        let pad = if self.rng.chance(120) {
+            4096 + self.rng.below(8192) as usize
+        } else {
+            0
+        };
+        let value = format!("v{}{}", self.next_value, "x".repeat(pad));
         let Some(r) = self.members.get_mut(&id).and_then(|m| m.run.as_mut()) else {
             return;
         };
@@ -243,7 +249,7 @@ impl World {
         });
         let op = self.history.len() - 1;
         self.puts.push(PendingPut { op, rx });
-        self.event(format!("put {key}={value} on {id}"));
+        self.event(format!("put {key}=v{} ({} bytes) on {id}", self.next_value, value.len()));
     }
 
     /// True while PUT `op` waits for its answer.
