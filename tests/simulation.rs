@@ -161,8 +161,10 @@ fn flip_bit(w: &mut World) {
     }
 }
 
-/// Heals everything, restarts every member that can be, and requires a PUT to commit.
-fn heal(w: &mut World) -> Result<(), String> {
+/// Heals everything, restarts every member that can be, and requires a PUT to commit. Returns
+/// false if none could because a member refused its damaged data and the others are no quorum
+/// without it (a real loss of quorum: two faults, the damage and one member down or removed).
+fn heal(w: &mut World) -> Result<bool, String> {
     w.net.heal();
     w.net.weather = Weather {
         max_delay_ms: 5,
@@ -192,13 +194,17 @@ fn heal(w: &mut World) -> Result<(), String> {
             }
         }
         if put_at.is_some_and(|op| w.history[op].ret.is_some()) {
-            return Ok(());
+            return Ok(true);
         }
         if put_at.is_some_and(|op| !w.put_pending(op)) {
             // Refused, or its member stopped (a leader change): try again.
             put_at = None;
         }
         if w.now > start + HEAL_MS {
+            if w.members.values().any(|m| m.flipped && m.down_for_good) {
+                w.event("no quorum without the member with damaged data".into());
+                return Ok(false);
+            }
             return Err(format!("no PUT committed within {HEAL_MS} ms of healing"));
         }
     }
@@ -234,8 +240,11 @@ fn drive(w: &mut World) -> Result<(), String> {
         w.follow_membership()?;
         w.step()?;
     }
-    heal(w)?;
-    final_reads(w)?;
+    if heal(w)? {
+        final_reads(w)?;
+    } else {
+        w.stuck = true;
+    }
     let history: Vec<checker::Op> = w
         .history
         .iter()
@@ -287,13 +296,14 @@ fn seeds() -> Vec<u64> {
 fn simulation() {
     let seeds = seeds();
     let (mut steps, mut digest) = (0u64, 0xcbf2_9ce4_8422_2325u64);
-    let (mut acked, mut reads, mut restarts) = (0usize, 0usize, 0u64);
+    let (mut acked, mut reads, mut restarts, mut stuck) = (0usize, 0usize, 0u64, 0usize);
     for &seed in &seeds {
         let w = match run_seed(seed) {
             Ok(w) => w,
             Err(failed) => fail(seed, &failed.1, &failed.0),
         };
         steps += w.steps;
+        stuck += usize::from(w.stuck);
         acked += w
             .history
             .iter()
@@ -316,7 +326,10 @@ fn simulation() {
         acked > 0 && reads > 0 && restarts > 0,
         "{acked} {reads} {restarts}"
     );
-    println!("acknowledged PUTs {acked}, GETs of a value {reads}, restarts {restarts}");
+    println!(
+        "acknowledged PUTs {acked}, GETs of a value {reads}, restarts {restarts}; seeds left \
+         without a quorum by a member's damaged data: {stuck}"
+    );
     println!(
         "simulation: {} seeds, {steps} steps, digest {digest:016x}",
         seeds.len()

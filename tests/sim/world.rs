@@ -53,6 +53,8 @@ pub struct World {
     pub last_events: VecDeque<String>,
     /// How many of the last events to keep.
     pub keep_events: usize,
+    /// The seed ended with no quorum (see `heal`).
+    pub stuck: bool,
     logger: slog::Logger,
 }
 
@@ -76,6 +78,7 @@ impl World {
             trace_hash: 0xcbf2_9ce4_8422_2325,
             last_events: VecDeque::new(),
             keep_events: 40,
+            stuck: false,
             logger,
         }
     }
