@@ -18,6 +18,7 @@
 //!
 //! [`run`] wires them together; one [`CancellationToken`] stops the daemon.
 
+pub mod backup;
 pub mod cluster_id;
 pub mod config;
 pub mod dump;
@@ -221,7 +222,13 @@ pub async fn run(
             api.peers.cluster_token(),
             api.peers.cluster_id(),
             &logger,
-        ));
+        ))
+        .merge(backup::router(backup::BackupState {
+            api: api.clone(),
+            cluster_token: api.peers.cluster_token(),
+            cluster_id: api.peers.cluster_id(),
+            logger: logger.new(slog::o!("component" => "backup")),
+        }));
     let peer_server = tokio::spawn(server::serve(
         peer_listener,
         peer_router,

@@ -116,7 +116,7 @@ struct SnapshotData {
 
 /// The payload up to the map: members, removed ids and the map's length. The map follows,
 /// streamed by the state machine straight into the `.snap` file.
-fn snapshot_data_header(
+pub(crate) fn snapshot_data_header(
     members: &BTreeMap<u64, String>,
     removed: &BTreeSet<u64>,
     kv_len: u64,
@@ -465,6 +465,7 @@ impl RaftNode {
                 .commit_tx
                 .try_send(Apply::Snapshot {
                     index: meta.index,
+                    term: meta.term,
                     data: data.kv,
                 })
                 .map_err(|_| Error::Recovery("the kvstore stopped".into()))?;
@@ -1041,7 +1042,7 @@ impl RaftNode {
     /// Installs a snapshot received from the leader: raft storage, membership, then the map
     /// (the nil-on-commitC of raftexample).
     async fn install_snapshot(&mut self, snap: Snapshot) -> Result<()> {
-        let index = snap.get_metadata().index;
+        let (index, term) = (snap.get_metadata().index, snap.get_metadata().term);
         let snap_bytes = snap.data.len() as u64;
         let data = decode_snapshot_data(&snap.data).map_err(|e| {
             Error::Recovery(format!(
@@ -1069,6 +1070,7 @@ impl RaftNode {
         slog::info!(self.logger, "installing snapshot from leader"; "index" => index, "bytes" => data.kv.len());
         self.send_apply(Apply::Snapshot {
             index,
+            term,
             data: data.kv,
         })
         .await?;
@@ -1096,12 +1098,12 @@ impl RaftNode {
         }
         let mut data: Vec<Bytes> = Vec::new();
         // What is really applied: the batch's last index, unless our own removal stops it.
-        let mut upto = self.applied;
+        let (mut upto, mut upto_term) = (self.applied, 0);
         for e in entries {
             if e.index <= self.applied {
                 continue;
             }
-            upto = e.index;
+            (upto, upto_term) = (e.index, e.term);
             self.log_bytes += e.data.len() as u64;
             self.writes += entry_writes(&e);
             match e.get_entry_type() {
@@ -1126,6 +1128,7 @@ impl RaftNode {
         let (tx, rx) = oneshot::channel();
         self.send_apply(Apply::Entries {
             index: upto,
+            term: upto_term,
             data,
             applied: tx,
         })
