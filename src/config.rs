@@ -154,6 +154,22 @@ pub enum Command {
         #[arg(long, default_value_t = 1)]
         id: u64,
     },
+    /// Write the data directories of member --id of a NEW cluster (--cluster) from a file
+    /// taken with `GET /backup`; run once per member, then start the members as usual.
+    Restore {
+        /// The backup file.
+        #[arg(long)]
+        backup: PathBuf,
+        /// The member to write: its 1-based position in --cluster.
+        #[arg(long)]
+        id: u64,
+        /// The new cluster's peer URLs, as its members' --cluster.
+        #[arg(long)]
+        cluster: String,
+        /// The member's --data-dir; must not hold its directories yet.
+        #[arg(long, default_value = ".")]
+        data_dir: PathBuf,
+    },
 }
 
 /// Largest `--max-request-bytes`: a PUT's entry (value, key, encoding) must fit one WAL

@@ -31,6 +31,7 @@ pub mod metrics;
 pub mod nonce;
 pub mod peer_client;
 pub mod raft_node;
+pub mod restore;
 pub mod server;
 pub mod snap;
 pub mod storage;

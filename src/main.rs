@@ -19,11 +19,45 @@ fn main() -> ExitCode {
             Err(e) => fail(&e.to_string()),
         };
     }
+    if let Some(config::Command::Restore {
+        backup,
+        id,
+        cluster,
+        data_dir,
+    }) = &cfg.command
+    {
+        return restore(raftexample::restore::Request {
+            backup: backup.clone(),
+            id: *id,
+            cluster: cluster.clone(),
+            data_dir: data_dir.clone(),
+        });
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => return fail(&format!("cannot start the runtime: {e}")),
     };
     rt.block_on(start(cfg))
+}
+
+fn restore(req: raftexample::restore::Request) -> ExitCode {
+    match raftexample::restore::restore(&req) {
+        Ok(r) => {
+            println!(
+                "restored member {} of a new cluster (cluster id {}): {} keys at index {}, \
+                 term {}, into {} and {}",
+                req.id,
+                raftexample::cluster_id::format(r.cluster_id),
+                r.keys,
+                r.index,
+                r.term,
+                r.wal_dir.display(),
+                r.snap_dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&format!("restore: {e}")),
+    }
 }
 
 fn fail(msg: &str) -> ExitCode {
