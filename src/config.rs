@@ -74,6 +74,11 @@ pub struct Config {
     #[arg(long, default_value = "info", value_parser = parse_level)]
     pub log_level: slog::Level,
 
+    /// Format of the stderr log: `human` lines, or `json`, one object per line with
+    /// timestamp, level, message and every key-value pair as a field.
+    #[arg(long, value_enum, default_value_t = crate::logging::LogFormat::Human)]
+    pub log_format: crate::logging::LogFormat,
+
     /// Name of the cluster, sent by peers in the X-Raftexample-Cluster header; peer requests
     /// carrying another (or none) get 412. Not a secret: it keeps two clusters from mixing.
     #[arg(long, default_value = DEFAULT_CLUSTER_TOKEN)]

@@ -27,6 +27,7 @@ pub mod error;
 pub mod faults;
 pub mod http_api;
 pub mod kvstore;
+pub mod logging;
 pub mod metrics;
 pub mod nonce;
 pub mod peer_client;

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use slog::{o, Drain};
+use slog::o;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -74,15 +74,8 @@ async fn start(cfg: Config) -> ExitCode {
         Err(e) => return fail(&e.to_string()),
     };
 
-    let decorator = slog_term::TermDecorator::new().stderr().build();
-    let drain = slog_term::FullFormat::new(decorator).build().fuse();
-    let drain = slog_async::Async::new(drain)
-        .chan_size(4096)
-        .overflow_strategy(slog_async::OverflowStrategy::Block)
-        .build_with_guard();
-    let (drain, guard) = drain;
-    let drain = slog::LevelFilter::new(drain, cfg.log_level).fuse();
-    let logger = slog::Logger::root(drain, o!("id" => cfg.id));
+    let (logger, guard) =
+        raftexample::logging::stderr_logger(cfg.log_format, cfg.log_level, o!("id" => cfg.id));
 
     let shutdown = CancellationToken::new();
     tokio::spawn(signal(shutdown.clone(), logger.clone()));
