@@ -194,6 +194,12 @@ pub fn json_line(record: &Record<'_>, values: &OwnedKVList, timestamp: &str) -> 
     line
 }
 
+/// The line of an error that stops the daemon, outside the logger (it may not exist yet).
+pub fn fatal_json(message: &str) -> String {
+    serde_json::json!({"timestamp": now_rfc3339(), "level": "CRITICAL", "message": message})
+        .to_string()
+}
+
 fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)

@@ -35,7 +35,7 @@ fn main() -> ExitCode {
     }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
-        Err(e) => return fail(&format!("cannot start the runtime: {e}")),
+        Err(e) => return fail_as(cfg.log_format, &format!("cannot start the runtime: {e}")),
     };
     rt.block_on(start(cfg))
 }
@@ -60,6 +60,18 @@ fn restore(req: raftexample::restore::Request) -> ExitCode {
     }
 }
 
+/// The daemon's last line, in its log format.
+fn fail_as(format: raftexample::logging::LogFormat, msg: &str) -> ExitCode {
+    if format == raftexample::logging::LogFormat::Json {
+        eprintln!(
+            "{}",
+            raftexample::logging::fatal_json(&format!("raftexample: {msg}"))
+        );
+        return ExitCode::FAILURE;
+    }
+    fail(msg)
+}
+
 fn fail(msg: &str) -> ExitCode {
     eprintln!("raftexample: {msg}");
     ExitCode::FAILURE
@@ -67,16 +79,17 @@ fn fail(msg: &str) -> ExitCode {
 
 async fn start(cfg: Config) -> ExitCode {
     if let Err(e) = cfg.validate().and_then(|_| check_data_dir(&cfg)) {
-        return fail(&e.to_string());
+        return fail_as(cfg.log_format, &e.to_string());
     }
     let (peer, client) = match bind(&cfg).await {
         Ok(l) => l,
-        Err(e) => return fail(&e.to_string()),
+        Err(e) => return fail_as(cfg.log_format, &e.to_string()),
     };
 
     let (logger, guard) =
         raftexample::logging::stderr_logger(cfg.log_format, cfg.log_level, o!("id" => cfg.id));
 
+    let format = cfg.log_format;
     let shutdown = CancellationToken::new();
     tokio::spawn(signal(shutdown.clone(), logger.clone()));
     let res = raftexample::run(cfg, peer, client, logger, shutdown).await;
@@ -84,7 +97,7 @@ async fn start(cfg: Config) -> ExitCode {
     drop(guard);
     match res {
         Ok(_) => ExitCode::SUCCESS,
-        Err(e) => fail(&e.to_string()),
+        Err(e) => fail_as(format, &e.to_string()),
     }
 }
 
