@@ -185,6 +185,21 @@ pub struct BackupState {
     pub cluster_token: HeaderValue,
     pub cluster_id: ClusterId,
     pub logger: slog::Logger,
+    /// Held while a backup streams: one at a time, since each pins the map it captured (and
+    /// so every map node a write replaces meanwhile) until its client has read it all.
+    pub busy: Arc<tokio::sync::Semaphore>,
+}
+
+impl BackupState {
+    pub fn new(api: ApiState, logger: slog::Logger) -> BackupState {
+        BackupState {
+            cluster_token: api.peers.cluster_token(),
+            cluster_id: api.peers.cluster_id(),
+            api,
+            logger,
+            busy: Arc::new(tokio::sync::Semaphore::new(1)),
+        }
+    }
 }
 
 /// `GET /backup`, to merge into the peer listener's router (so peer TLS applies).
@@ -217,6 +232,14 @@ async fn backup(State(st): State<Arc<BackupState>>, headers: HeaderMap) -> Respo
     if let Some(refused) = foreign(&st, &headers) {
         return refused;
     }
+    let Ok(permit) = st.busy.clone().try_acquire_owned() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "1")],
+            "another backup is being taken\n",
+        )
+            .into_response();
+    };
     let deadline = tokio::time::Instant::now() + st.api.timeout;
     if let Err(e) = http_api::wait_linearizable(&st.api, deadline).await {
         return e.into_response();
@@ -239,6 +262,7 @@ async fn backup(State(st): State<Arc<BackupState>>, headers: HeaderMap) -> Respo
             return;
         }
         stream(&source, header, chunk_tx, &logger);
+        drop(permit);
     });
     let Ok(total) = len_rx.await else {
         return (StatusCode::SERVICE_UNAVAILABLE, "backup task failed\n").into_response();

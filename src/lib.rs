@@ -225,12 +225,10 @@ pub async fn run(
             api.peers.cluster_id(),
             &logger,
         ))
-        .merge(backup::router(backup::BackupState {
-            api: api.clone(),
-            cluster_token: api.peers.cluster_token(),
-            cluster_id: api.peers.cluster_id(),
-            logger: logger.new(slog::o!("component" => "backup")),
-        }));
+        .merge(backup::router(backup::BackupState::new(
+            api.clone(),
+            logger.new(slog::o!("component" => "backup")),
+        )));
     let peer_server = tokio::spawn(server::serve(
         peer_listener,
         peer_router,
