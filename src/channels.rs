@@ -28,11 +28,13 @@ pub enum Apply {
     /// carry no data). `applied` fires once all of them are in the map.
     Entries {
         index: u64,
+        /// The term of the entry at `index` (for backups, see [`crate::backup`]).
+        term: u64,
         data: Vec<Bytes>,
         applied: oneshot::Sender<()>,
     },
     /// Replace the whole map with a snapshot taken at `index`.
-    Snapshot { index: u64, data: Bytes },
+    Snapshot { index: u64, term: u64, data: Bytes },
     /// Proposals raft refused (say, no leader known): they were never appended anywhere.
     Dropped { ids: Vec<u64>, reason: String },
 }

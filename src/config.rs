@@ -74,6 +74,11 @@ pub struct Config {
     #[arg(long, default_value = "info", value_parser = parse_level)]
     pub log_level: slog::Level,
 
+    /// Format of the stderr log: `human` lines, or `json`, one object per line with
+    /// timestamp, level, message and every key-value pair as a field.
+    #[arg(long, value_enum, default_value_t = crate::logging::LogFormat::Human)]
+    pub log_format: crate::logging::LogFormat,
+
     /// Name of the cluster, sent by peers in the X-Raftexample-Cluster header; peer requests
     /// carrying another (or none) get 412. Not a secret: it keeps two clusters from mixing.
     #[arg(long, default_value = DEFAULT_CLUSTER_TOKEN)]
@@ -153,6 +158,22 @@ pub enum Command {
         /// The node's --id.
         #[arg(long, default_value_t = 1)]
         id: u64,
+    },
+    /// Write the data directories of member --id of a NEW cluster (--cluster) from a file
+    /// taken with `GET /backup`; run once per member, then start the members as usual.
+    Restore {
+        /// The backup file.
+        #[arg(long)]
+        backup: PathBuf,
+        /// The member to write: its 1-based position in --cluster.
+        #[arg(long)]
+        id: u64,
+        /// The new cluster's peer URLs, as its members' --cluster.
+        #[arg(long)]
+        cluster: String,
+        /// The member's --data-dir; must not hold its directories yet.
+        #[arg(long, default_value = ".")]
+        data_dir: PathBuf,
     },
 }
 

@@ -167,7 +167,7 @@ fn parse_node_id(path: &str) -> Result<u64, ApiError> {
 }
 
 /// ReadIndex (shared with concurrent readers), then wait until the map has applied that index.
-async fn wait_linearizable(st: &ApiState, deadline: Instant) -> Result<(), ApiError> {
+pub(crate) async fn wait_linearizable(st: &ApiState, deadline: Instant) -> Result<(), ApiError> {
     let (tx, rx) = oneshot::channel();
     let shutting_down = || ApiError::Unavailable("node is shutting down".into());
     st.read_tx.send(tx).await.map_err(|_| shutting_down())?;

@@ -326,6 +326,8 @@ pub struct KvStore {
     map: RwLock<Map>,
     /// Highest raft index whose effects are in `map`.
     applied_tx: watch::Sender<u64>,
+    /// Term of the entry at the applied index; written under the map's write lock.
+    applied_term: AtomicU64,
     /// PUTs proposed by this node that wait for their entry to be applied (`Ok`), or learn
     /// that raft dropped it (`Err` with the reason).
     waiters: Mutex<HashMap<u64, oneshot::Sender<Result<(), String>>>>,
@@ -347,6 +349,7 @@ impl KvStore {
         Arc::new(KvStore {
             map: RwLock::new(Map::new()),
             applied_tx,
+            applied_term: AtomicU64::new(0),
             waiters: Mutex::new(HashMap::new()),
             propose_tx,
             ids: IdGen::new(node_id, nonce),
@@ -379,6 +382,13 @@ impl KvStore {
     /// The map as it is now, in O(1); serialise it later with [`encode`].
     pub fn capture(&self) -> Map {
         self.map.read().expect("map lock").clone()
+    }
+
+    /// The map with the index and term it is at, in O(1) (for a backup).
+    pub fn capture_at(&self) -> (Map, u64, u64) {
+        let map = self.map.read().expect("map lock");
+        let term = self.applied_term.load(Ordering::Relaxed);
+        (map.clone(), self.applied(), term)
     }
 
     /// `(applied index, hash of the map at that index)`: equal on replicas that converged. The
@@ -453,6 +463,7 @@ impl KvStore {
         match apply {
             Apply::Entries {
                 index,
+                term,
                 data,
                 applied,
             } => {
@@ -461,6 +472,7 @@ impl KvStore {
                     let mut map = self.map.write().expect("map lock");
                     // Published under the lock so `digest` sees a map and index that match.
                     self.applied_tx.send_replace(index);
+                    self.applied_term.store(term, Ordering::Relaxed);
                     for d in &data {
                         match decode_puts(d) {
                             Ok(puts) => {
@@ -482,12 +494,13 @@ impl KvStore {
                 let _ = applied.send(());
             }
             Apply::Dropped { ids, reason } => self.wake(ids, Err(reason)),
-            Apply::Snapshot { index, data } => match decode(&data) {
+            Apply::Snapshot { index, term, data } => match decode(&data) {
                 Ok(map) => {
                     slog::info!(self.logger, "loaded snapshot"; "index" => index, "keys" => map.len());
                     let mut m = self.map.write().expect("map lock");
                     *m = map;
                     self.applied_tx.send_replace(index);
+                    self.applied_term.store(term, Ordering::Relaxed);
                 }
                 Err(e) => {
                     // The snapshot passed its CRC, so this is a bug or a foreign format: stop
@@ -542,6 +555,7 @@ mod tests {
         assert_eq!(kv.lookup(b"/foo"), None);
         kv.apply(Apply::Snapshot {
             index: 7,
+            term: 1,
             data: data.into(),
         });
         assert_eq!(kv.lookup(b"/foo"), Some(value));
@@ -666,6 +680,7 @@ mod tests {
         let (tx, _) = oneshot::channel();
         kv.apply(Apply::Entries {
             index: 2,
+            term: 1,
             data: vec![packed[..packed.len() - 1].to_vec().into(), single.into()],
             applied: tx,
         });
@@ -674,6 +689,7 @@ mod tests {
         let (tx, _) = oneshot::channel();
         kv.apply(Apply::Entries {
             index: 3,
+            term: 1,
             data: vec![packed.into()],
             applied: tx,
         });
@@ -708,6 +724,7 @@ mod tests {
         let (applied_tx, applied_rx) = oneshot::channel();
         kv.apply(Apply::Entries {
             index: 3,
+            term: 1,
             data: vec![p.data.into()],
             applied: applied_tx,
         });

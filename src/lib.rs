@@ -18,6 +18,7 @@
 //!
 //! [`run`] wires them together; one [`CancellationToken`] stops the daemon.
 
+pub mod backup;
 pub mod channels;
 pub mod cluster_id;
 pub mod config;
@@ -27,11 +28,13 @@ pub mod error;
 pub mod faults;
 pub mod http_api;
 pub mod kvstore;
+pub mod logging;
 pub mod metrics;
 pub mod node;
 pub mod nonce;
 pub mod peer_client;
 pub mod raft_node;
+pub mod restore;
 pub mod server;
 pub mod snap;
 pub mod storage;
@@ -222,7 +225,11 @@ pub async fn run(
             api.peers.cluster_token(),
             api.peers.cluster_id(),
             &logger,
-        ));
+        ))
+        .merge(backup::router(backup::BackupState::new(
+            api.clone(),
+            logger.new(slog::o!("component" => "backup")),
+        )));
     let peer_server = tokio::spawn(server::serve(
         peer_listener,
         peer_router,

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use slog::{o, Drain};
+use slog::o;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -19,11 +19,57 @@ fn main() -> ExitCode {
             Err(e) => fail(&e.to_string()),
         };
     }
+    if let Some(config::Command::Restore {
+        backup,
+        id,
+        cluster,
+        data_dir,
+    }) = &cfg.command
+    {
+        return restore(raftexample::restore::Request {
+            backup: backup.clone(),
+            id: *id,
+            cluster: cluster.clone(),
+            data_dir: data_dir.clone(),
+        });
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
-        Err(e) => return fail(&format!("cannot start the runtime: {e}")),
+        Err(e) => return fail_as(cfg.log_format, &format!("cannot start the runtime: {e}")),
     };
     rt.block_on(start(cfg))
+}
+
+fn restore(req: raftexample::restore::Request) -> ExitCode {
+    match raftexample::restore::restore(&req) {
+        Ok(r) => {
+            println!(
+                "restored member {} of a new cluster (cluster id {}): {} keys at index {}, \
+                 term {}, into {} and {}",
+                req.id,
+                raftexample::cluster_id::format(r.cluster_id),
+                r.keys,
+                r.index,
+                r.term,
+                r.wal_dir.display(),
+                r.snap_dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&format!("restore: {e}")),
+    }
+}
+
+/// The daemon's last line, in its log format.
+fn fail_as(format: raftexample::logging::LogFormat, msg: &str) -> ExitCode {
+    if format == raftexample::logging::LogFormat::Json {
+        eprintln!(
+            "{}",
+            raftexample::logging::fatal_json(&format!("raftexample: {msg}"))
+        );
+        return ExitCode::FAILURE;
+    }
+    fail(msg)
 }
 
 fn fail(msg: &str) -> ExitCode {
@@ -33,23 +79,17 @@ fn fail(msg: &str) -> ExitCode {
 
 async fn start(cfg: Config) -> ExitCode {
     if let Err(e) = cfg.validate().and_then(|_| check_data_dir(&cfg)) {
-        return fail(&e.to_string());
+        return fail_as(cfg.log_format, &e.to_string());
     }
     let (peer, client) = match bind(&cfg).await {
         Ok(l) => l,
-        Err(e) => return fail(&e.to_string()),
+        Err(e) => return fail_as(cfg.log_format, &e.to_string()),
     };
 
-    let decorator = slog_term::TermDecorator::new().stderr().build();
-    let drain = slog_term::FullFormat::new(decorator).build().fuse();
-    let drain = slog_async::Async::new(drain)
-        .chan_size(4096)
-        .overflow_strategy(slog_async::OverflowStrategy::Block)
-        .build_with_guard();
-    let (drain, guard) = drain;
-    let drain = slog::LevelFilter::new(drain, cfg.log_level).fuse();
-    let logger = slog::Logger::root(drain, o!("id" => cfg.id));
+    let (logger, guard) =
+        raftexample::logging::stderr_logger(cfg.log_format, cfg.log_level, o!("id" => cfg.id));
 
+    let format = cfg.log_format;
     let shutdown = CancellationToken::new();
     tokio::spawn(signal(shutdown.clone(), logger.clone()));
     let res = raftexample::run(cfg, peer, client, logger, shutdown).await;
@@ -57,7 +97,7 @@ async fn start(cfg: Config) -> ExitCode {
     drop(guard);
     match res {
         Ok(_) => ExitCode::SUCCESS,
-        Err(e) => fail(&e.to_string()),
+        Err(e) => fail_as(format, &e.to_string()),
     }
 }
 

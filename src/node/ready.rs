@@ -98,7 +98,7 @@ impl Node {
     /// Installs a snapshot received from the leader: raft storage, membership, then the map
     /// (the nil-on-commitC of raftexample).
     pub(super) fn install_snapshot(&mut self, snap: Snapshot) -> Result<()> {
-        let index = snap.get_metadata().index;
+        let (index, term) = (snap.get_metadata().index, snap.get_metadata().term);
         let snap_bytes = snap.data.len() as u64;
         let data = decode_data(&snap.data).map_err(|e| {
             Error::Recovery(format!(
@@ -116,6 +116,7 @@ impl Node {
             "bytes" => data.kv.len());
         self.out.applies.push(Apply::Snapshot {
             index,
+            term,
             data: data.kv,
         });
         self.applied = index;
@@ -129,12 +130,12 @@ impl Node {
         }
         let mut data: Vec<Bytes> = Vec::new();
         // What is really applied: the batch's last index, unless our own removal stops it.
-        let mut upto = self.applied;
+        let (mut upto, mut upto_term) = (self.applied, 0);
         for e in entries {
             if e.index <= self.applied {
                 continue;
             }
-            upto = e.index;
+            (upto, upto_term) = (e.index, e.term);
             self.policy.count(&e);
             match e.get_entry_type() {
                 // An empty entry is a new leader's no-op.
@@ -154,6 +155,7 @@ impl Node {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.out.applies.push(Apply::Entries {
             index: upto,
+            term: upto_term,
             data,
             applied: tx,
         });

@@ -204,6 +204,7 @@ fn replay(boot: &Boot, snapshotter: &Snapshotter, rec: Recovered) -> Result<Repl
         r.removed = data.removed.into_iter().collect();
         r.first = Some(Apply::Snapshot {
             index: meta.index,
+            term: meta.term,
             data: data.kv,
         });
         let path = snapshotter.path(meta.term, meta.index);

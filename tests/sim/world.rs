@@ -252,7 +252,11 @@ impl World {
         });
         let op = self.history.len() - 1;
         self.puts.push(PendingPut { op, rx });
-        self.event(format!("put {key}=v{} ({} bytes) on {id}", self.next_value, value.len()));
+        self.event(format!(
+            "put {key}=v{} ({} bytes) on {id}",
+            self.next_value,
+            value.len()
+        ));
     }
 
     /// True while PUT `op` waits for its answer.

@@ -161,6 +161,7 @@ impl RawTestNode {
                     index,
                     data,
                     applied,
+                    ..
                 } => return (index, data.iter().map(|b| b.to_vec()).collect(), applied),
                 Apply::Snapshot { .. } | Apply::Dropped { .. } => {}
             }
