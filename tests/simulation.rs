@@ -277,7 +277,11 @@ fn run_seed(seed: u64) -> Result<World, Box<(World, String)>> {
 
 /// Seeds that found a defect, run on top of the default range. Seeds replay only the
 /// simulator they were found with; the defect's own unit test pins it for good.
-const REGRESSIONS: [u64; 0] = [];
+const REGRESSIONS: [u64; 1] = [
+    // A member that had installed the leader's snapshot, whose newest snapshot file was then
+    // damaged: raft-rs panicked at startup (commit beyond the log) instead of a refusal.
+    885,
+];
 
 fn seeds() -> Vec<u64> {
     if let Some(s) = std::env::var("SIM_SEED").ok().and_then(|s| s.parse().ok()) {
@@ -302,6 +306,12 @@ fn simulation() {
             Ok(w) => w,
             Err(failed) => fail(seed, &failed.1, &failed.0),
         };
+        if std::env::var_os("SIM_SEED").is_some() {
+            println!(
+                "{}",
+                w.last_events.iter().cloned().collect::<Vec<_>>().join("\n")
+            );
+        }
         steps += w.steps;
         stuck += usize::from(w.stuck);
         acked += w

@@ -230,10 +230,24 @@ fn replay(boot: &Boot, snapshotter: &Snapshotter, rec: Recovered) -> Result<Repl
             )));
         }
     }
+    r.last_index = entries.last().map_or(r.snapshot_index, |e| e.index);
+    if hs.commit > r.last_index {
+        // Entries this node acknowledged are missing: raft would panic, and serving from here
+        // could lose committed writes. It happens when the newest snapshot is unreadable and
+        // the log after the older one does not reach it (the node had installed it from the
+        // leader); the unreadable file was set aside as `.broken`.
+        return Err(Error::Recovery(format!(
+            "the HardState commits index {} but the snapshot and WAL in {} and {} end at \
+             index {}: a snapshot the WAL needs is missing or damaged",
+            hs.commit,
+            boot.snap_dir.display(),
+            boot.wal_dir.display(),
+            r.last_index
+        )));
+    }
     r.storage.set_hard_state(hs);
     r.storage.append(&entries)?;
     r.applied = r.snapshot_index;
-    r.last_index = entries.last().map_or(r.snapshot_index, |e| e.index);
     Ok(r)
 }
 

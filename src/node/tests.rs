@@ -357,3 +357,71 @@ fn peer_input_cannot_panic_raft() {
         "the cluster still answers reads"
     );
 }
+
+/// A node whose newest snapshot (one it installed from the leader, so its WAL holds no entries
+/// up to it) is damaged refuses to start with a message naming its directories: the older
+/// snapshot and the log after it do not reach the durable commit. raft-rs panicked instead
+/// ("hs.commit 36 is out of range"); the simulator found it (seed 885).
+#[test]
+fn damaged_installed_snapshot_is_a_refusal_not_a_panic() {
+    use crate::wal::{Wal, WalOptions, WalSnapshot};
+    let dir = tempfile::tempdir().unwrap();
+    drop(bootstrapped(dir.path(), 1));
+    use clap::Parser as _;
+    let cfg = crate::Config::parse_from([
+        "raftexample",
+        "--cluster",
+        "http://127.0.0.1:1",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    let members: BTreeMap<u64, String> = [(1, "http://127.0.0.1:1".to_string())].into();
+    let kv = crate::kvstore::Captured(crate::kvstore::Map::new());
+    let snap_at = |index: u64| {
+        let mut data = data_header(&members, &BTreeSet::new(), kv.encoded_len());
+        kv.write_to(&mut data).unwrap();
+        let mut snap = Snapshot {
+            data: data.into(),
+            ..Default::default()
+        };
+        (snap.mut_metadata().index, snap.mut_metadata().term) = (index, 1);
+        snap.mut_metadata().mut_conf_state().voters = vec![1];
+        snap
+    };
+    let snapshotter =
+        crate::snap::Snapshotter::new(&cfg.disk, &cfg.snap_dir(), &discard()).unwrap();
+    snapshotter.save(&snap_at(18)).unwrap();
+    let newest = snapshotter.save(&snap_at(36)).unwrap();
+    let (mut wal, _) = Wal::open(&cfg.wal_dir(), WalOptions::default(), &discard()).unwrap();
+    let ents: Vec<Entry> = (2..=22)
+        .map(|index| Entry {
+            index,
+            term: 1,
+            ..Default::default()
+        })
+        .collect();
+    wal.save(&ents, None, true).unwrap();
+    wal.save_snapshot(&WalSnapshot { index: 18, term: 1 })
+        .unwrap();
+    wal.save_snapshot(&WalSnapshot { index: 36, term: 1 })
+        .unwrap();
+    let hs = HardState {
+        term: 1,
+        commit: 36,
+        ..Default::default()
+    };
+    wal.save(&[], Some(&hs), true).unwrap();
+    wal.close().unwrap();
+    let mut bytes = std::fs::read(&newest).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&newest, bytes).unwrap();
+
+    let boot = Boot::from_config(&cfg, 2, Default::default()).unwrap();
+    let err = recover(&boot, &discard()).err().expect("a refusal");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("commits index 36") && msg.contains("end at index 22"),
+        "{msg}"
+    );
+}
