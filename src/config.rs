@@ -246,6 +246,19 @@ pub fn peer_scheme(peer_tls: bool) -> &'static str {
 
 impl Config {
     /// Peer URLs by id (1-based position in --cluster).
+    /// The certificate flags, for [`crate::tls`].
+    pub fn tls_files(&self) -> crate::tls::TlsFiles<'_> {
+        crate::tls::TlsFiles {
+            cert_file: self.cert_file.as_deref(),
+            key_file: self.key_file.as_deref(),
+            trusted_ca_file: self.trusted_ca_file.as_deref(),
+            client_cert_auth: self.client_cert_auth,
+            peer_cert_file: self.peer_cert_file.as_deref(),
+            peer_key_file: self.peer_key_file.as_deref(),
+            peer_trusted_ca_file: self.peer_trusted_ca_file.as_deref(),
+        }
+    }
+
     pub fn peers(&self) -> Result<Vec<(u64, PeerUrl)>> {
         self.cluster
             .split(',')

@@ -176,8 +176,8 @@ pub async fn run(
 ) -> Result<Exit> {
     cfg.validate()?;
     // Certificate files are read before anything starts, so that a bad one is a clean error.
-    let client_tls = tls::client_api_server(&cfg)?;
-    let peer_tls = tls::peer_server(&cfg)?;
+    let client_tls = tls::client_api_server(&cfg.tls_files())?;
+    let peer_tls = tls::peer_server(&cfg.tls_files())?;
     let limits = server::Limits::from_config(&cfg);
     let (propose_tx, propose_rx) = mpsc::channel(CHANNEL);
     let (conf_change_tx, conf_change_rx) = mpsc::channel(16);

@@ -89,7 +89,7 @@ impl PeerClient {
         Ok(PeerClient::new(
             token,
             cluster_id,
-            crate::tls::peer_client(cfg)?,
+            crate::tls::peer_client(&cfg.tls_files())?,
         ))
     }
 

@@ -20,7 +20,18 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::config::Config;
+/// The certificate flags as given (see [`crate::config::Config::tls_files`]); clap checks that
+/// they come in the right combinations.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TlsFiles<'a> {
+    pub cert_file: Option<&'a Path>,
+    pub key_file: Option<&'a Path>,
+    pub trusted_ca_file: Option<&'a Path>,
+    pub client_cert_auth: bool,
+    pub peer_cert_file: Option<&'a Path>,
+    pub peer_key_file: Option<&'a Path>,
+    pub peer_trusted_ca_file: Option<&'a Path>,
+}
 
 /// Why TLS settings could not be built; each names the flag's file.
 #[derive(Debug, thiserror::Error)]
@@ -139,12 +150,12 @@ fn server_config(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<Ar
 }
 
 /// TLS for the client API port, if `--cert-file` is given.
-pub fn client_api_server(cfg: &Config) -> Result<Option<Arc<ServerConfig>>> {
-    let (Some(cert), Some(key)) = (&cfg.cert_file, &cfg.key_file) else {
+pub fn client_api_server(cfg: &TlsFiles) -> Result<Option<Arc<ServerConfig>>> {
+    let (Some(cert), Some(key)) = (cfg.cert_file, cfg.key_file) else {
         return Ok(None);
     };
     let ca = if cfg.client_cert_auth {
-        cfg.trusted_ca_file.as_deref()
+        cfg.trusted_ca_file
     } else {
         None
     };
@@ -152,11 +163,11 @@ pub fn client_api_server(cfg: &Config) -> Result<Option<Arc<ServerConfig>>> {
 }
 
 /// The three peer TLS files, if configured (clap makes them come together).
-fn peer_files(cfg: &Config) -> Option<(&Path, &Path, &Path)> {
+fn peer_files<'a>(cfg: &TlsFiles<'a>) -> Option<(&'a Path, &'a Path, &'a Path)> {
     match (
-        &cfg.peer_cert_file,
-        &cfg.peer_key_file,
-        &cfg.peer_trusted_ca_file,
+        cfg.peer_cert_file,
+        cfg.peer_key_file,
+        cfg.peer_trusted_ca_file,
     ) {
         (Some(c), Some(k), Some(ca)) => Some((c, k, ca)),
         _ => None,
@@ -165,7 +176,7 @@ fn peer_files(cfg: &Config) -> Option<(&Path, &Path, &Path)> {
 
 /// TLS for the peer listener, if peer TLS is configured: peers must present a certificate
 /// signed by `--peer-trusted-ca-file`.
-pub fn peer_server(cfg: &Config) -> Result<Option<Arc<ServerConfig>>> {
+pub fn peer_server(cfg: &TlsFiles) -> Result<Option<Arc<ServerConfig>>> {
     match peer_files(cfg) {
         Some((cert, key, ca)) => server_config(cert, key, Some(ca)).map(Some),
         None => Ok(None),
@@ -174,7 +185,7 @@ pub fn peer_server(cfg: &Config) -> Result<Option<Arc<ServerConfig>>> {
 
 /// TLS for requests to peers, if peer TLS is configured: trust only the peer CA and present
 /// this node's peer certificate.
-pub fn peer_client(cfg: &Config) -> Result<Option<ClientConfig>> {
+pub fn peer_client(cfg: &TlsFiles) -> Result<Option<ClientConfig>> {
     let Some((cert, key, ca)) = peer_files(cfg) else {
         return Ok(None);
     };
