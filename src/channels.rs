@@ -55,6 +55,13 @@ pub enum ConfChangeError {
     Removed(u64),
     #[error("node {0} is not a member")]
     NotMember(u64),
+    #[error("node {0} is already a voter")]
+    AlreadyVoter(u64),
+    #[error("node {0} is not a learner")]
+    NotLearner(u64),
+    /// The strict reconfiguration check (see [`crate::node::learners::check_quorum_after`]).
+    #[error("refused: {0}")]
+    Unsafe(String),
     #[error("another membership change is still pending")]
     Pending,
     #[error("not applied: {0}")]
@@ -86,6 +93,11 @@ pub struct NodeStatus {
     pub commit: u64,
     pub applied: u64,
     pub members: BTreeMap<u64, String>,
+    /// Voting members and learners (see [`crate::node::learners`]); learners in
+    /// `read_replicas` are never promoted automatically.
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+    pub read_replicas: Vec<u64>,
     /// Applied index of the kv map and a hash of the map at that index (see
     /// `KvStore::digest`), filled in by the `/status` handler.
     #[serde(skip_serializing_if = "Option::is_none")]

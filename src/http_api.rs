@@ -124,8 +124,15 @@ async fn handle(
                 None => Err(ApiError::NotFound("key not found".into())),
             }
         }
+        Method::POST if uri.path().ends_with(PROMOTE) => {
+            let id = parse_node_id(&uri.path()[..uri.path().len() - PROMOTE.len()])?;
+            let mut cc = crate::node::learners::promotion(id);
+            cc.id = st.kv.next_id();
+            change_membership(&st, cc, deadline, true).await
+        }
         Method::POST => {
             let id = parse_node_id(uri.path())?;
+            let keep = keep_learner(uri.query())?;
             // A member with the other scheme could never be reached: peers speak HTTPS exactly
             // when peer TLS is configured.
             let scheme = peer_scheme(st.peers.is_tls());
@@ -139,9 +146,9 @@ async fn handle(
                     ))
                 })?;
             let mut cc = ConfChange::default();
-            cc.set_change_type(ConfChangeType::AddNode);
+            cc.set_change_type(ConfChangeType::AddLearnerNode);
             cc.node_id = id;
-            cc.context = url.url.into_bytes().into();
+            cc.context = crate::node::learners::learner_context(&url.url, keep).into();
             cc.id = st.kv.next_id();
             change_membership(&st, cc, deadline, true).await
         }
@@ -154,6 +161,23 @@ async fn handle(
             change_membership(&st, cc, deadline, true).await
         }
         _ => Err(ApiError::MethodNotAllowed),
+    }
+}
+
+/// `POST /<id>/promote`: makes learner `<id>` a voter.
+const PROMOTE: &str = "/promote";
+
+/// `?learner=true` on `POST /<id>`: the new member stays a learner (a read replica) until
+/// promoted explicitly; without it the leader promotes it once it has caught up.
+fn keep_learner(query: Option<&str>) -> Result<bool, ApiError> {
+    let value = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|kv| kv.strip_prefix("learner="));
+    match value {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(_) => Err(ApiError::BadRequest("learner must be true or false".into())),
     }
 }
 
@@ -213,9 +237,13 @@ async fn change_membership(
         Ok(Ok(Ok(()))) => Ok(StatusCode::NO_CONTENT.into_response()),
         Ok(Ok(Err(e))) => Err(match e {
             ConfChangeError::AlreadyMember(_)
+            | ConfChangeError::AlreadyVoter(_)
             | ConfChangeError::Removed(_)
+            | ConfChangeError::Unsafe(_)
             | ConfChangeError::Pending => ApiError::Conflict(e.to_string()),
-            ConfChangeError::NotMember(_) => ApiError::NotFound(e.to_string()),
+            ConfChangeError::NotMember(_) | ConfChangeError::NotLearner(_) => {
+                ApiError::NotFound(e.to_string())
+            }
             ConfChangeError::Dropped(_) => ApiError::Unavailable(e.to_string()),
             ConfChangeError::NotLeader { url, .. } if may_forward => {
                 return forward(st, &url, body, deadline).await;
@@ -294,6 +322,14 @@ async fn health(State(s): State<StatusState>) -> (StatusCode, &'static str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn learner_query() {
+        assert!(!keep_learner(None).unwrap());
+        assert!(!keep_learner(Some("x=1&learner=false")).unwrap());
+        assert!(keep_learner(Some("x=1&learner=true")).unwrap());
+        assert!(keep_learner(Some("learner=yes")).is_err());
+    }
 
     #[test]
     fn node_ids() {

@@ -54,6 +54,13 @@ static SNAPSHOTS: LazyLock<IntCounter> = LazyLock::new(|| {
     )
     .expect("metric registered once")
 });
+static PROMOTIONS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "raftexample_learner_promotions_total",
+        "Learners promoted to voters, counted as this node applied the promotions."
+    )
+    .expect("metric registered once")
+});
 static PEER_SEND_FAILURES: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter!(
         "raftexample_peer_send_failures_total",
@@ -83,6 +90,10 @@ pub fn snapshot() {
     SNAPSHOTS.inc();
 }
 
+pub fn promotion() {
+    PROMOTIONS.inc();
+}
+
 pub fn peer_send_failure() {
     PEER_SEND_FAILURES.inc();
 }
@@ -99,6 +110,7 @@ pub fn render() -> String {
     LazyLock::force(&WAL_FSYNC);
     LazyLock::force(&SNAPSHOTS);
     LazyLock::force(&PEER_SEND_FAILURES);
+    LazyLock::force(&PROMOTIONS);
     TextEncoder::new()
         .encode_to_string(&prometheus::gather())
         .unwrap_or_else(|e| format!("# encoding failed: {e}\n"))

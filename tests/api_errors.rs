@@ -353,7 +353,8 @@ async fn status_health_and_metrics() {
 /// The proposal counter, labelled by outcome.
 const PROPOSALS: &str = "raftexample_proposals_total";
 /// The documented metrics that need no label.
-const ALWAYS_LISTED: [&str; 6] = [
+const ALWAYS_LISTED: [&str; 7] = [
+    "raftexample_learner_promotions_total",
     "raftexample_commit_index",
     "raftexample_applied_index",
     "raftexample_apply_lag_entries",

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{
     delete_member, free_port, get, member_ids, post_member, put, run_to_exit, serves, status,
-    wait_until, Cluster, StatusCode, TIMEOUT,
+    wait_until, wait_voters, Cluster, StatusCode, TIMEOUT,
 };
 
 /// Walks the README session on a 3-node cluster and proves, in order:
@@ -86,6 +86,8 @@ async fn readme_session() {
     })
     .await;
 
+    // Node 4 joined as a learner; once the leader has promoted it, no change is pending.
+    wait_voters(&cluster.node(1).peer_url, &[1, 2, 3, 4], &[]).await;
     // Remove node 3: it applies its own removal and exits with status 0.
     assert_eq!(delete_member(p1, 3).await, StatusCode::NO_CONTENT);
     let exit = cluster

@@ -157,8 +157,9 @@ async fn put_and_get_key_value() {
     node.shutdown().await;
 }
 
-/// A 4th node added with an AddNode conf change and started with `join` learns the cluster
-/// from the log and its proposal commits on node 1.
+/// A 4th node added with a conf change and started with `join` learns the cluster from the
+/// log and its proposal commits on node 1. (raftexample adds a voter with AddNode; here a new
+/// member is added as a learner, AddLearnerNode, and AddNode is only the promotion of one.)
 #[tokio::test(flavor = "multi_thread")]
 async fn add_new_node() {
     let (ls, cluster) = peer_listeners(4).await;
@@ -191,7 +192,7 @@ async fn add_new_node() {
     let mut n1 = nodes.remove(0);
 
     let mut cc = ConfChange::default();
-    cc.set_change_type(ConfChangeType::AddNode);
+    cc.set_change_type(ConfChangeType::AddLearnerNode);
     cc.node_id = 4;
     cc.id = 42;
     cc.context = urls[3].as_bytes().to_vec().into();
@@ -223,7 +224,7 @@ async fn add_new_node() {
         }
     };
     let added = tokio::select! { a = added => a, _ = drain => unreachable!() };
-    assert!(added, "AddNode 4 not applied");
+    assert!(added, "AddLearnerNode 4 not applied");
 
     let n4 = RawTestNode::start(
         config(4, &cluster, dirs[3].path(), &["--join"]),

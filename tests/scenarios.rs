@@ -603,6 +603,8 @@ async fn add_node_then_remove_leader_under_load() {
     assert!(!before_add.is_empty() && !during.is_empty());
     assert_all_readable(&cluster, &[new], &upto_now).await;
 
+    // Node 4 joined as a learner; once it is promoted no change is pending.
+    common::wait_voters(&cluster.node(1).peer_url, &[1, 2, 3, 4], &[]).await;
     // Remove the leader, asking a follower.
     let leader = wait_leader_among(&cluster, &[1, 2, 3, 4]).await;
     let remaining: Vec<u64> = (1..=4).filter(|id| *id != leader).collect();

@@ -6,7 +6,8 @@
 //! SIGKILLs, power cuts of one member or of all (the disk keeps what was synced and any subset
 //! of the 4 KiB pages written since), EIO and ENOSPC (the member must fail-stop), bit flips in
 //! synced files (the member must refuse to start, or start with the right data); snapshots
-//! every few writes, compaction, purge, members added and removed.
+//! every few writes, compaction, purge, members added (as learners the leader promotes once
+//! caught up) and removed.
 //!
 //! Checked: at most one leader per term and equal maps at equal applied index (every step);
 //! every member restarts unless its data was damaged; after healing, a PUT commits within a
@@ -301,6 +302,7 @@ fn simulation() {
     let seeds = seeds();
     let (mut steps, mut digest) = (0u64, 0xcbf2_9ce4_8422_2325u64);
     let (mut acked, mut reads, mut restarts, mut stuck) = (0usize, 0usize, 0u64, 0usize);
+    let (mut joined, mut promoted) = (0usize, 0usize);
     for &seed in &seeds {
         let w = match run_seed(seed) {
             Ok(w) => w,
@@ -329,16 +331,21 @@ fn simulation() {
             .values()
             .map(|m| m.boots.saturating_sub(1))
             .sum::<u64>();
+        joined += w.members.values().filter(|m| m.join).count();
+        promoted += w.promoted.len();
         digest = (digest ^ w.trace_hash).wrapping_mul(0x0100_0000_01b3);
     }
-    // Not vacuous: the seeds wrote, read back values and restarted members.
+    // Not vacuous: the seeds wrote, read back values, restarted members and promoted learners
+    // (one seed alone may do none of that).
+    let many = seeds.len() >= 20;
     assert!(
-        acked > 0 && reads > 0 && restarts > 0,
-        "{acked} {reads} {restarts}"
+        acked > 0 && reads > 0 && restarts > 0 && (promoted > 0 || !many),
+        "{acked} {reads} {restarts} {promoted}"
     );
     println!(
-        "acknowledged PUTs {acked}, GETs of a value {reads}, restarts {restarts}; seeds left \
-         without a quorum by a member's damaged data: {stuck}"
+        "acknowledged PUTs {acked}, GETs of a value {reads}, restarts {restarts}, learners \
+         added {joined}, promoted {promoted}; seeds left without a quorum by a member's damaged \
+         data: {stuck}"
     );
     println!(
         "simulation: {} seeds, {steps} steps, digest {digest:016x}",

@@ -1,11 +1,13 @@
 //! Who is in the cluster: the members' peer URLs, the ids removed for good, the membership
-//! changes proposed here and waiting to apply, and the checks a change must pass first.
+//! changes proposed here and waiting to apply, the checks a change must pass first, and the
+//! leader's promotion of caught-up learners (its policy is [`super::learners`]).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 use raft::prelude::*;
 
+use super::learners::{self, Learners};
 use crate::channels::{ConfChangeError, ConfChangeRequest};
 use crate::config::PeerUrl;
 use crate::storage::RaftStorage;
@@ -32,15 +34,22 @@ pub struct Membership {
     pending: HashMap<u64, tokio::sync::oneshot::Sender<Result<(), ConfChangeError>>>,
     /// The status has not yet seen the current members.
     pub changed: bool,
+    /// Read replicas and the leader's view of learners' liveness.
+    pub learners: Learners,
 }
 
 impl Membership {
-    pub fn new(members: BTreeMap<u64, String>, removed: Arc<RwLock<HashSet<u64>>>) -> Membership {
+    pub fn new(
+        members: BTreeMap<u64, String>,
+        removed: Arc<RwLock<HashSet<u64>>>,
+        kept: BTreeSet<u64>,
+    ) -> Membership {
         Membership {
             members,
             removed,
             pending: HashMap::new(),
             changed: true,
+            learners: Learners::new(kept),
         }
     }
 
@@ -48,7 +57,7 @@ impl Membership {
         self.removed.read().expect("removed-set lock").contains(&id)
     }
 
-    pub fn removed_ids(&self) -> std::collections::BTreeSet<u64> {
+    pub fn removed_ids(&self) -> BTreeSet<u64> {
         self.removed
             .read()
             .expect("removed-set lock")
@@ -71,7 +80,8 @@ impl Membership {
     pub fn restore(
         &mut self,
         members: BTreeMap<u64, String>,
-        removed: std::collections::BTreeSet<u64>,
+        removed: BTreeSet<u64>,
+        kept: BTreeSet<u64>,
     ) -> Vec<PeerChange> {
         let mut changes: Vec<PeerChange> = members
             .iter()
@@ -85,6 +95,7 @@ impl Membership {
                 .map(|id| PeerChange::Remove(*id)),
         );
         self.members = members;
+        self.learners.kept = kept;
         *self.removed.write().expect("removed-set lock") = removed.into_iter().collect();
         self.changed = true;
         changes
@@ -125,15 +136,11 @@ impl Membership {
         applied: u64,
         cc: &ConfChange,
     ) -> Result<(), ConfChangeError> {
-        let id = cc.node_id;
-        let cs = node.store().conf_state();
-        let is_member = cs.voters.contains(&id) || cs.learners.contains(&id);
-        let adding = cc.get_change_type() != ConfChangeType::RemoveNode;
+        let fits =
+            learners::check_request(cc, node.store().conf_state(), self.is_removed(cc.node_id));
         let leader = node.raft.leader_id;
         match () {
-            _ if adding && self.is_removed(id) => Err(ConfChangeError::Removed(id)),
-            _ if adding && is_member => Err(ConfChangeError::AlreadyMember(id)),
-            _ if !adding && !is_member => Err(ConfChangeError::NotMember(id)),
+            _ if fits.is_err() => fits,
             _ if leader == raft::INVALID_ID => {
                 Err(ConfChangeError::Dropped("no leader known".into()))
             }
@@ -147,7 +154,32 @@ impl Membership {
                 )),
             },
             _ if self.pending(node, applied) => Err(ConfChangeError::Pending),
-            _ => Ok(()),
+            _ => self.learners.check_safe(&node.raft, cc),
+        }
+    }
+
+    /// Called every tick: on a leader, proposes the promotion of a caught-up learner (see
+    /// [`learners::promotion_due`]) unless another membership change is in flight or the
+    /// strict check refuses it. Nobody waits for its outcome; a lost one is proposed again.
+    pub fn maybe_promote(
+        &mut self,
+        node: &mut RawNode<RaftStorage>,
+        applied: u64,
+        logger: &slog::Logger,
+    ) {
+        let Some((id, matched)) = self.learners.on_tick(&node.raft) else {
+            return;
+        };
+        let cc = learners::promotion(id);
+        if self.pending(node, applied) || self.learners.check_safe(&node.raft, &cc).is_err() {
+            return;
+        }
+        let last = node.raft.raft_log.last_index();
+        match node.propose_conf_change(vec![], cc) {
+            Ok(()) => slog::info!(logger, "promoting caught-up learner"; "node" => id,
+                "matched" => matched, "last_index" => last),
+            Err(e) => slog::warn!(logger, "cannot propose a promotion"; "node" => id,
+                "error" => %e),
         }
     }
 
@@ -182,6 +214,7 @@ impl Membership {
         logger: &slog::Logger,
     ) -> Option<Applied> {
         let id = cc.node_id;
+        let was_learner = node.store().conf_state().learners.contains(&id);
         let result = match node.apply_conf_change(&cc) {
             Ok(cs) => {
                 node.mut_store().set_conf_state(cs);
@@ -194,7 +227,7 @@ impl Membership {
         };
         let applied = result
             .is_ok()
-            .then(|| self.record(node.raft.id, &cc, peers, logger));
+            .then(|| self.record(node.raft.id, &cc, was_learner, peers, logger));
         if let Some(done) = self.pending.remove(&cc.id) {
             let _ = done.send(result);
         }
@@ -205,11 +238,17 @@ impl Membership {
         &mut self,
         own: u64,
         cc: &ConfChange,
+        was_learner: bool,
         peers: &mut Vec<PeerChange>,
         logger: &slog::Logger,
     ) -> Applied {
         let id = cc.node_id;
         self.changed = true;
+        let promoted = self.learners.applied(cc, was_learner) == learners::Applied::Promoted;
+        if promoted {
+            crate::metrics::promotion();
+            slog::info!(logger, "learner promoted to voter"; "node" => id);
+        }
         if cc.get_change_type() == ConfChangeType::RemoveNode {
             self.members.remove(&id);
             self.removed.write().expect("removed-set lock").insert(id);
@@ -224,15 +263,20 @@ impl Membership {
             slog::info!(logger, "member removed"; "node" => id);
             return Applied::Changed;
         }
-        match std::str::from_utf8(&cc.context).map(PeerUrl::parse) {
-            Ok(Ok(url)) => {
+        let (url, kept) = learners::parse_context(&cc.context);
+        match url.map(PeerUrl::parse) {
+            Some(Ok(url)) => {
                 peers.push(PeerChange::Add(id, url.url.clone()));
                 self.members.insert(id, url.url);
             }
-            _ if cc.context.is_empty() => {}
+            None if cc.context.is_empty() => {}
             _ => slog::error!(logger, "added member has an invalid peer URL"; "node" => id),
         }
-        slog::info!(logger, "member added"; "node" => id);
+        if !promoted {
+            let learner = cc.get_change_type() == ConfChangeType::AddLearnerNode;
+            slog::info!(logger, "member added"; "node" => id, "learner" => learner,
+                "read_replica" => kept);
+        }
         Applied::Changed
     }
 }

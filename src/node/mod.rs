@@ -10,6 +10,7 @@
 //! between tokio channels, the writer thread and the transport; the simulator
 //! (`tests/simulation.rs`) moves them itself, one seed at a time.
 
+pub mod learners;
 mod membership;
 mod peer_check;
 mod proposals;
@@ -121,6 +122,11 @@ impl Node {
         self.raft.raft.raft_log.committed
     }
 
+    /// The applied configuration: voters and learners.
+    pub fn conf_state(&self) -> &ConfState {
+        self.raft.store().conf_state()
+    }
+
     pub fn exit(&self) -> Option<&Exit> {
         self.exit.as_ref()
     }
@@ -146,6 +152,8 @@ impl Node {
         self.ticks += 1;
         self.raft.tick();
         self.reads.on_tick(&mut self.raft);
+        self.membership
+            .maybe_promote(&mut self.raft, self.applied, &self.logger);
     }
 
     pub fn propose(&mut self, p: Proposal) {
@@ -298,6 +306,9 @@ impl Node {
         st.applied = self.applied;
         if self.membership.changed {
             st.members = self.membership.members.clone();
+            (st.voters, st.learners) =
+                learners::voters_and_learners(self.raft.store().conf_state());
+            st.read_replicas = self.membership.learners.kept.iter().copied().collect();
             self.membership.changed = false;
         }
     }

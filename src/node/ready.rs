@@ -110,7 +110,9 @@ impl Node {
         // The WAL writer is saving it to `path`; kept in memory, a large snapshot would double
         // a joining node's footprint. Until the file is there, raft is told to ask again.
         self.raft.mut_store().release_snapshot_data(path);
-        let changes = self.membership.restore(data.members, data.removed);
+        let changes = self
+            .membership
+            .restore(data.members, data.removed, data.kept);
         self.out.peers.extend(changes);
         slog::info!(self.logger, "installing snapshot from leader"; "index" => index,
             "bytes" => data.kv.len());
@@ -202,6 +204,7 @@ impl Node {
             meta,
             members: self.membership.members.clone(),
             removed: self.membership.removed_ids(),
+            kept: self.membership.learners.kept.clone(),
             wait: self.last_apply_done.take(),
         });
         self.policy.in_flight = true;

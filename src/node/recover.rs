@@ -2,7 +2,7 @@
 //! the HardState, or the bootstrap of a new member; builds the [`Node`] and hands back the open
 //! WAL for the writer.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
@@ -87,6 +87,8 @@ struct Replayed {
     storage: RaftStorage,
     members: BTreeMap<u64, String>,
     removed: HashSet<u64>,
+    /// Learners kept as read replicas, from the snapshot.
+    kept: BTreeSet<u64>,
     snapshot_index: u64,
     snapshot_bytes: u64,
     applied: u64,
@@ -137,7 +139,7 @@ pub fn recover(boot: &Boot, logger: &slog::Logger) -> Result<Restored> {
     let mut node = Node {
         id: boot.id,
         raft,
-        membership: Membership::new(r.members, boot.removed.clone()),
+        membership: Membership::new(r.members, boot.removed.clone(), r.kept),
         held: Default::default(),
         reads: ReadBatcher::new(boot.id, boot.nonce),
         policy: Policy {
@@ -178,6 +180,7 @@ fn replay(boot: &Boot, snapshotter: &Snapshotter, rec: Recovered) -> Result<Repl
             .map(|(id, u)| (*id, u.url.clone()))
             .collect(),
         removed: HashSet::new(),
+        kept: BTreeSet::new(),
         snapshot_index: 0,
         snapshot_bytes: 0,
         applied: 0,
@@ -202,6 +205,7 @@ fn replay(boot: &Boot, snapshotter: &Snapshotter, rec: Recovered) -> Result<Repl
         })?;
         r.members = data.members;
         r.removed = data.removed.into_iter().collect();
+        r.kept = data.kept;
         r.first = Some(Apply::Snapshot {
             index: meta.index,
             term: meta.term,

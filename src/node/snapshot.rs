@@ -21,13 +21,17 @@ use crate::snap::Snapshotter;
 const AMORTIZE_ABOVE: u64 = 4 << 20;
 
 /// Snapshot payload: the membership the log no longer holds after compaction, and the map.
-/// Laid out as bincode 1.3 lays out `(members, removed, kv as bytes)`.
+/// Laid out as bincode 1.3 lays out `(members, removed, kv as bytes)`, then a trailer of the
+/// learners kept as read replicas (see [`super::learners::encode_trailer`]; snapshots written
+/// before learners existed have none).
 #[derive(Debug, PartialEq)]
 pub struct SnapshotData {
     pub members: BTreeMap<u64, String>,
     pub removed: BTreeSet<u64>,
     /// The state machine's encoding of the map; shares the snapshot's buffer.
     pub kv: Bytes,
+    /// Learners kept as read replicas.
+    pub kept: BTreeSet<u64>,
 }
 
 /// The payload up to the map: members, removed ids and the map's length. The map follows,
@@ -51,16 +55,18 @@ pub fn decode_data(data: &Bytes) -> Result<SnapshotData, String> {
         .get(at..at + 8)
         .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
         .ok_or("truncated before the map")?;
-    if len != (data.len() - at - 8) as u64 {
+    if len > (data.len() - at - 8) as u64 {
         return Err(format!(
-            "map length {len} does not match the {} bytes present",
+            "map length {len} exceeds the {} bytes present",
             data.len() - at - 8
         ));
     }
+    let end = at + 8 + len as usize;
     Ok(SnapshotData {
         members,
         removed,
-        kv: data.slice(at + 8..),
+        kv: data.slice(at + 8..end),
+        kept: super::learners::decode_trailer(&data[end..])?,
     })
 }
 
@@ -70,6 +76,8 @@ pub struct SnapshotTask {
     pub meta: SnapshotMetadata,
     pub members: BTreeMap<u64, String>,
     pub removed: BTreeSet<u64>,
+    /// Learners kept as read replicas.
+    pub kept: BTreeSet<u64>,
     /// Fires when the kvstore has applied the last batch sent (raftexample's `applyDoneC`).
     pub wait: Option<oneshot::Receiver<()>>,
 }
@@ -85,15 +93,17 @@ pub struct Written {
 pub type SnapshotDone = Result<Written, crate::snap::Error>;
 
 impl SnapshotTask {
-    /// Streams the header and the captured map into the `.snap` file and makes it durable:
-    /// the expensive part, run off the raft loop.
+    /// Streams the header, the captured map and the trailer into the `.snap` file and makes
+    /// it durable: the expensive part, run off the raft loop.
     pub fn write(self, snapshotter: &Snapshotter, source: &dyn SnapshotSource) -> SnapshotDone {
         let kv_len = source.encoded_len();
         let header = data_header(&self.members, &self.removed, kv_len);
-        let data_len = header.len() as u64 + kv_len;
+        let trailer = super::learners::encode_trailer(&self.kept);
+        let data_len = header.len() as u64 + kv_len + trailer.len() as u64;
         let path = snapshotter.save_with(&self.meta, data_len, |w| {
             w.write_all(&header)?;
-            source.write_to(w)
+            source.write_to(w)?;
+            w.write_all(&trailer)
         })?;
         Ok(Written {
             meta: self.meta,
@@ -189,12 +199,26 @@ mod tests {
             SnapshotData {
                 members,
                 removed,
-                kv: kv.into()
+                kv: kv.clone().into(),
+                kept: BTreeSet::new(),
             }
         );
         for cut in 0..enc.len() {
             assert!(
                 decode_data(&enc.slice(..cut)).is_err(),
+                "prefix of {cut} bytes"
+            );
+        }
+        // Kept learners follow the map; a cut inside them is an error too.
+        let kept: BTreeSet<u64> = [4, 9].into();
+        let mut with = enc.to_vec();
+        with.extend_from_slice(&super::super::learners::encode_trailer(&kept));
+        let with = Bytes::from(with);
+        let got = decode_data(&with).unwrap();
+        assert_eq!((got.kv, got.kept), (Bytes::from(kv), kept));
+        for cut in enc.len() + 1..with.len() {
+            assert!(
+                decode_data(&with.slice(..cut)).is_err(),
                 "prefix of {cut} bytes"
             );
         }

@@ -681,6 +681,38 @@ pub fn member_ids(status: &serde_json::Value) -> Vec<u64> {
     ids
 }
 
+/// Ids in a status's `voters`, `learners` or `read_replicas` array, as listed (sorted).
+pub fn id_list(status: &serde_json::Value, field: &str) -> Vec<u64> {
+    status
+        .get(field)
+        .and_then(|m| m.as_array())
+        .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
+        .unwrap_or_default()
+}
+
+/// Waits until node `peer_url` reports exactly `voters` and `learners`.
+///
+/// # Panics
+/// After [`TIMEOUT`], with the last status seen.
+pub async fn wait_voters(peer_url: &str, voters: &[u64], learners: &[u64]) {
+    let last = std::sync::Mutex::new(None);
+    let ok = poll_until(TIMEOUT, || async {
+        let st = status(peer_url).await;
+        let ok = st
+            .as_ref()
+            .is_some_and(|s| id_list(s, "voters") == voters && id_list(s, "learners") == learners);
+        *last.lock().expect("last lock") = st;
+        ok
+    })
+    .await;
+    assert!(
+        ok,
+        "{peer_url} did not report voters {voters:?} and learners {learners:?} within \
+         {TIMEOUT:?}; last status: {:?}",
+        last.lock().expect("last lock")
+    );
+}
+
 // ----- Storage helpers (crash-safety tests): data-dir paths, log slices, wal-dump, PUTs that
 // ----- may fail because the node is being killed.
 

@@ -2,7 +2,7 @@
 //! step (one leader per term, replicas agree at equal applied index). Time is simulated in
 //! milliseconds; a step is 5 ms.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use raft::prelude::{ConfChange, ConfChangeType};
 use tokio::sync::oneshot;
@@ -43,6 +43,9 @@ pub struct World {
     pub history: Vec<Op>,
     puts: Vec<PendingPut>,
     gets: Vec<PendingGet>,
+    /// Members that joined as learners and that some member has applied as voters since
+    /// (promoted by a leader).
+    pub promoted: BTreeSet<u64>,
     /// A membership change in flight: the member it adds (to start once applied) or removes.
     change: Option<(ConfChangeType, u64, ConfDone, u64)>,
     next_value: u64,
@@ -71,6 +74,7 @@ impl World {
             history: Vec::new(),
             puts: Vec::new(),
             gets: Vec::new(),
+            promoted: BTreeSet::new(),
             change: None,
             next_value: 0,
             leaders: BTreeMap::new(),
@@ -345,8 +349,12 @@ impl World {
 
     /// One leader per term, and every replica's map equal to the others' at the same index.
     fn check(&mut self) -> Result<(), String> {
+        let mut promoted = Vec::new();
         for m in self.members.values() {
             let Some(r) = &m.run else { continue };
+            promoted.extend(r.node.conf_state().voters.iter().copied().filter(|v| {
+                !self.promoted.contains(v) && self.members.get(v).is_some_and(|m| m.join)
+            }));
             if r.node.is_leader() {
                 let term = r.node.term();
                 let first = *self.leaders.entry(term).or_insert(m.id);
@@ -363,10 +371,16 @@ impl World {
                 ));
             }
         }
+        for id in promoted {
+            if self.promoted.insert(id) {
+                self.event(format!("{id} promoted to voter"));
+            }
+        }
         Ok(())
     }
 
-    /// Proposes adding a new member (started once the change applies) or removing one.
+    /// Proposes adding a new member as a learner (started once the change applies; the leader
+    /// promotes it once it has caught up) or removing one.
     pub fn change_membership(&mut self, add: bool) {
         let Some(leader) = self.leader() else { return };
         if self.change.is_some() {
@@ -383,7 +397,7 @@ impl World {
             if self.members.len() >= 5 {
                 return;
             }
-            cc.set_change_type(ConfChangeType::AddNode);
+            cc.set_change_type(ConfChangeType::AddLearnerNode);
             let id = self.members.keys().max().copied().unwrap_or(0) + 1;
             cc.context = url(id).into_bytes().into();
             id
@@ -430,7 +444,7 @@ impl World {
             other => other.is_ok(),
         };
         self.event(format!("{kind:?} {id} done, applied here: {applied}"));
-        if kind == ConfChangeType::AddNode {
+        if kind == ConfChangeType::AddLearnerNode {
             self.members.insert(id, Member::new(id, true));
             self.start(id)?;
         } else if let Some(m) = self.members.get_mut(&id).filter(|_| applied) {
