@@ -6,11 +6,11 @@ use std::io::Write;
 use std::path::Path;
 
 use protobuf::Message as _;
-use raft::prelude::{ConfChange, EntryType};
+use raft::prelude::{ConfChange, EntryType, HardState};
 
 use crate::error::{Error, Result};
 use crate::kvstore::decode_puts;
-use crate::wal::{self, Record};
+use crate::wal::{self, Record, WalSnapshot};
 
 /// Writes one line per record to `out`; an error (corruption) is returned for the caller to
 /// print as the last line.
@@ -25,41 +25,14 @@ pub fn wal_dump(data_dir: &Path, id: u64, out: &mut impl Write) -> Result<()> {
         return Err(Error::Config(format!("no WAL in {}", wal_dir.display())));
     }
     let recs = wal::read_dir_records(&Default::default(), &wal_dir)?;
-    let mut hs = None;
-    let mut markers = Vec::new();
-    let mut entries = 0u64;
-    let (mut first, mut last) = (None, 0);
-    for r in &recs.records {
-        let at = format!("{}@{}", file_name(&r.path), r.offset);
-        let line = match &r.record {
-            Record::Header(h) => {
-                format!("{at} segment seq={} first_index={}", h.seq, h.first_index)
-            }
-            Record::HardState(h) => {
-                hs = Some(h.clone());
-                format!(
-                    "{at} hardstate term={} vote={} commit={}",
-                    h.term, h.vote, h.commit
-                )
-            }
-            Record::Snapshot(s) => {
-                markers.push(*s);
-                format!("{at} snapshot-marker term={} index={}", s.term, s.index)
-            }
-            Record::Entry(e) => {
-                entries += 1;
-                first.get_or_insert(e.index);
-                last = e.index;
-                format!(
-                    "{at} entry term={} index={} {}",
-                    e.term,
-                    e.index,
-                    describe(e)
-                )
-            }
-        };
-        writeln!(out, "{line}").map_err(io)?;
-    }
+    let seen = write_records(&recs.records, out)?;
+    let Seen {
+        hs,
+        markers,
+        entries,
+        first,
+        last,
+    } = seen;
     if let Some((path, offset)) = &recs.unused {
         writeln!(
             out,
@@ -99,6 +72,66 @@ pub fn wal_dump(data_dir: &Path, id: u64, out: &mut impl Write) -> Result<()> {
         markers.last().map_or(0, |m| m.index)
     )
     .map_err(io)
+}
+
+/// What [`write_records`] saw, for the summary.
+#[derive(Default)]
+struct Seen {
+    hs: Option<HardState>,
+    markers: Vec<WalSnapshot>,
+    entries: u64,
+    first: Option<u64>,
+    last: u64,
+}
+
+/// One line per record, in file and offset order.
+fn write_records(records: &[wal::DirRecord], out: &mut impl Write) -> Result<Seen> {
+    let io = |e| Error::Io {
+        context: "cannot write the dump".into(),
+        source: e,
+    };
+    let mut hs = None;
+    let mut markers = Vec::new();
+    let mut entries = 0u64;
+    let (mut first, mut last) = (None, 0);
+    for r in records {
+        let at = format!("{}@{}", file_name(&r.path), r.offset);
+        let line = match &r.record {
+            Record::Header(h) => {
+                format!("{at} segment seq={} first_index={}", h.seq, h.first_index)
+            }
+            Record::HardState(h) => {
+                hs = Some(h.clone());
+                format!(
+                    "{at} hardstate term={} vote={} commit={}",
+                    h.term, h.vote, h.commit
+                )
+            }
+            Record::Snapshot(s) => {
+                markers.push(*s);
+                format!("{at} snapshot-marker term={} index={}", s.term, s.index)
+            }
+            Record::Entry(e) => {
+                entries += 1;
+                first.get_or_insert(e.index);
+                last = e.index;
+                format!(
+                    "{at} entry term={} index={} {}",
+                    e.term,
+                    e.index,
+                    describe(e)
+                )
+            }
+        };
+        writeln!(out, "{line}").map_err(io)?;
+    }
+    Ok(Seen {
+        hs,
+        markers,
+        entries,
+        first,
+        last,
+    })
 }
 
 fn file_name(p: &Path) -> String {

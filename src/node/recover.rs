@@ -190,35 +190,7 @@ fn replay(boot: &Boot, snapshotter: &Snapshotter, rec: Recovered) -> Result<Repl
     if boot.inline_snapshot_reads {
         r.storage.read_snapshots_inline();
     }
-    // Only a snapshot the WAL vouches for (its marker is at or below the durable commit)
-    // matches the log that follows.
-    let valid = rec.valid_snapshots();
-    if let Some(snap) = snapshotter.load_newest_available(&valid)? {
-        let meta = snap.get_metadata();
-        r.snapshot_index = meta.index;
-        r.snapshot_bytes = snap.data.len() as u64;
-        let data = decode_data(&snap.data).map_err(|e| {
-            Error::Recovery(format!(
-                "snapshot at index {} does not decode: {e}",
-                meta.index
-            ))
-        })?;
-        r.members = data.members;
-        r.removed = data.removed.into_iter().collect();
-        r.kept = data.kept;
-        r.first = Some(Apply::Snapshot {
-            index: meta.index,
-            term: meta.term,
-            data: data.kv,
-        });
-        let path = snapshotter.path(meta.term, meta.index);
-        r.storage.apply_snapshot(snap)?;
-        r.storage.release_snapshot_data(path);
-    } else if valid.iter().any(|&(_, i)| i > 0) {
-        return Err(Error::Recovery(
-            "the WAL references snapshots but no matching .snap file is readable".into(),
-        ));
-    }
+    load_snapshot(snapshotter, &rec, &mut r)?;
     let mut hs = rec.hard_state;
     hs.commit = hs.commit.max(r.snapshot_index);
     let entries: Vec<Entry> = rec
@@ -253,6 +225,40 @@ fn replay(boot: &Boot, snapshotter: &Snapshotter, rec: Recovered) -> Result<Repl
     r.storage.append(&entries)?;
     r.applied = r.snapshot_index;
     Ok(r)
+}
+
+/// The newest snapshot recovery may start from, into the storage and the first apply.
+fn load_snapshot(snapshotter: &Snapshotter, rec: &Recovered, r: &mut Replayed) -> Result<()> {
+    // Only a snapshot the WAL vouches for (its marker is at or below the durable commit)
+    // matches the log that follows.
+    let valid = rec.valid_snapshots();
+    if let Some(snap) = snapshotter.load_newest_available(&valid)? {
+        let meta = snap.get_metadata();
+        r.snapshot_index = meta.index;
+        r.snapshot_bytes = snap.data.len() as u64;
+        let data = decode_data(&snap.data).map_err(|e| {
+            Error::Recovery(format!(
+                "snapshot at index {} does not decode: {e}",
+                meta.index
+            ))
+        })?;
+        r.members = data.members;
+        r.removed = data.removed.into_iter().collect();
+        r.kept = data.kept;
+        r.first = Some(Apply::Snapshot {
+            index: meta.index,
+            term: meta.term,
+            data: data.kv,
+        });
+        let path = snapshotter.path(meta.term, meta.index);
+        r.storage.apply_snapshot(snap)?;
+        r.storage.release_snapshot_data(path);
+    } else if valid.iter().any(|&(_, i)| i > 0) {
+        return Err(Error::Recovery(
+            "the WAL references snapshots but no matching .snap file is readable".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// etcd's StartNode: every initial member is an AddNode entry at term 1, committed and already

@@ -105,33 +105,23 @@ pub enum Fault {
 }
 
 impl State {
-    /// One more sync (file or directory): the one [`SimDisk::fail_at_sync`] picked fails.
-    fn count_sync(&mut self) -> io::Result<()> {
-        match self.syncs_left {
+    /// One more write, or (if `sync`) sync of a file or directory: the call
+    /// [`SimDisk::fail_op`] or [`SimDisk::fail_at_sync`] picked fails.
+    fn count(&mut self, sync: bool) -> io::Result<()> {
+        if let Some((n, f)) = self.fault {
+            self.fault = n.checked_sub(1).map(|n| (n, f));
+            if n == 0 {
+                let errno = if f == Fault::Eio { 5 } else { 28 };
+                return Err(io::Error::from_raw_os_error(errno));
+            }
+        }
+        match self.syncs_left.filter(|_| sync) {
             Some(0) => {
                 self.dead = true;
                 Err(gone())
             }
             Some(n) => {
                 self.syncs_left = Some(n - 1);
-                Ok(())
-            }
-            None => Ok(()),
-        }
-    }
-
-    /// One more write or sync: the one [`SimDisk::fail_op`] picked fails.
-    fn count_op(&mut self) -> io::Result<()> {
-        match self.fault {
-            Some((0, f)) => {
-                self.fault = None;
-                Err(io::Error::from_raw_os_error(match f {
-                    Fault::Eio => 5,
-                    Fault::NoSpace => 28,
-                }))
-            }
-            Some((n, f)) => {
-                self.fault = Some((n - 1, f));
                 Ok(())
             }
             None => Ok(()),
@@ -323,8 +313,7 @@ impl SimFile {
 impl SimFile {
     fn sync(&mut self) -> io::Result<()> {
         let mut st = self.disk.live()?;
-        st.count_op()?;
-        st.count_sync()?;
+        st.count(true)?;
         st.inodes
             .get_mut(&self.ino)
             .expect("open files keep their inode")
@@ -335,7 +324,7 @@ impl SimFile {
 
 impl VFile for SimFile {
     fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.disk.live()?.count_op()?;
+        self.disk.live()?.count(false)?;
         self.with(|i| {
             let (lo, hi) = (offset as usize, offset as usize + buf.len());
             let old_len = i.current.len();
@@ -476,8 +465,7 @@ impl Vfs for SimDisk {
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         let mut st = self.live()?;
-        st.count_op()?;
-        st.count_sync()?;
+        st.count(true)?;
         if !has_dir(&st, dir) {
             return Err(not_found(dir));
         }

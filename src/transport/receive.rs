@@ -1,0 +1,277 @@
+//! The receiving side of the peer transport: `POST /raft` (a batch, or a snapshot) and
+//! `POST /raft/stream` (an upgraded stream of frames), both forwarding on `raft_msg_tx`, behind
+//! the cluster-token and cluster-id check ([`require_cluster_token`]).
+
+use super::*;
+
+/// What the `/raft` handler needs.
+#[derive(Clone)]
+pub struct PeerState {
+    pub raft_msg_tx: mpsc::Sender<Message>,
+    /// Members removed from the cluster; their messages get 410 Gone.
+    pub removed: Arc<RwLock<HashSet<u64>>>,
+    /// `--cluster-token`: requests without it get 412.
+    pub cluster_token: HeaderValue,
+    /// Requests from another cluster get 412 (see [`crate::cluster_id`]).
+    pub cluster_id: ClusterId,
+    /// Ends the streams being received.
+    pub stop: CancellationToken,
+    pub logger: slog::Logger,
+}
+
+/// The `POST /raft` route (bodies up to [`MAX_RAFT_BODY`]) and the stream route.
+pub fn router(state: PeerState) -> Router {
+    let token = state.cluster_token.clone();
+    let id = state.cluster_id.clone();
+    let logger = state.logger.clone();
+    let router = Router::new()
+        .route("/raft", post(receive))
+        .route(STREAM_PATH, post(receive_stream))
+        .with_state(state);
+    require_cluster_token(router, token, id, &logger)
+}
+
+#[derive(Clone)]
+struct TokenCheck {
+    token: HeaderValue,
+    cluster_id: ClusterId,
+    /// A misconfigured peer retries many times a second: log its mismatch now and then.
+    warn: Arc<Throttle>,
+    logger: slog::Logger,
+}
+
+/// Answers 412 to any request on `router`'s routes that does not carry `token` in
+/// `X-Raftexample-Cluster`, or that carries another cluster id than `cluster_id` (learning
+/// it if unknown), before its body is read, so its messages never reach raft. Routes added
+/// to the returned router later are not checked (`/status` and friends).
+pub fn require_cluster_token(
+    router: Router,
+    token: HeaderValue,
+    cluster_id: ClusterId,
+    logger: &slog::Logger,
+) -> Router {
+    let check = TokenCheck {
+        token,
+        cluster_id,
+        warn: Arc::new(Throttle::new(Duration::from_secs(10))),
+        logger: logger.clone(),
+    };
+    router.route_layer(axum::middleware::from_fn_with_state(check, check_token))
+}
+
+async fn check_token(State(check): State<TokenCheck>, req: Request, next: Next) -> Response {
+    // The token names a cluster, it is not a password (TLS authenticates peers), so a plain
+    // comparison will do.
+    let got = req.headers().get(CLUSTER_HEADER);
+    if got == Some(&check.token) {
+        return match req.headers().get(cluster_id::HEADER) {
+            None => next.run(req).await,
+            Some(v) => match cluster_id::parse(v.as_bytes()) {
+                Some(theirs) => check_cluster_id(&check, theirs, req, next).await,
+                None => (StatusCode::BAD_REQUEST, "malformed cluster id\n").into_response(),
+            },
+        };
+    }
+    if check.warn.ready() {
+        slog::warn!(check.logger, "rejected peer request with another cluster token";
+            "path" => req.uri().path(),
+            "token" => got.map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
+            "from" => req.headers().get(FROM_HEADER)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()));
+    }
+    (
+        StatusCode::PRECONDITION_FAILED,
+        "cluster token mismatch: this request is for another cluster\n",
+    )
+        .into_response()
+}
+
+async fn check_cluster_id(check: &TokenCheck, theirs: u64, req: Request, next: Next) -> Response {
+    match check.cluster_id.admit(theirs) {
+        Admit::Same => {}
+        Admit::Learned => {
+            let id = check.cluster_id.clone();
+            let stored = tokio::task::spawn_blocking(move || id.store()).await;
+            slog::info!(check.logger, "learnt the cluster id from a peer";
+                "cluster_id" => cluster_id::format(theirs),
+                "from" => req.headers().get(FROM_HEADER)
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()));
+            match stored {
+                Ok(Ok(())) => {}
+                // Kept in memory; the next start learns it again.
+                Ok(Err(e)) => slog::warn!(check.logger, "cannot store the cluster id";
+                    "error" => %e),
+                Err(e) => slog::warn!(check.logger, "cannot store the cluster id";
+                    "error" => %e),
+            }
+        }
+        Admit::Foreign { ours } => {
+            if check.warn.ready() {
+                slog::warn!(check.logger, "rejected peer request from another cluster";
+                    "path" => req.uri().path(),
+                    "cluster_id" => cluster_id::format(theirs),
+                    "ours" => cluster_id::format(ours),
+                    "from" => req.headers().get(FROM_HEADER)
+                        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()));
+            }
+            return (
+                StatusCode::PRECONDITION_FAILED,
+                "cluster id mismatch: this request is from a member of another cluster\n",
+            )
+                .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+async fn receive(State(st): State<PeerState>, req: Request) -> Response {
+    let too_large = || {
+        (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            // The rest of the body is not worth reading.
+            [(header::CONNECTION, "close")],
+            "raft message batch larger than any snapshot\n",
+        )
+            .into_response()
+    };
+    let announced = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > MAX_RAFT_BODY) {
+        return too_large();
+    }
+    let limit = usize::try_from(MAX_RAFT_BODY).unwrap_or(usize::MAX);
+    let body = match axum::body::to_bytes(req.into_body(), limit).await {
+        Ok(b) => b,
+        Err(e) => {
+            let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+            while let Some(c) = cause {
+                if c.is::<http_body_util::LengthLimitError>() {
+                    return too_large();
+                }
+                cause = c.source();
+            }
+            return (StatusCode::BAD_REQUEST, "cannot read the body\n").into_response();
+        }
+    };
+    receive_batch(st, body).await.into_response()
+}
+
+async fn receive_batch(st: PeerState, body: Bytes) -> (StatusCode, &'static str) {
+    let msgs = match decode_batch(&body) {
+        Ok(m) => m,
+        Err(e) => {
+            slog::warn!(st.logger, "rejected raft request"; "error" => %e, "bytes" => body.len());
+            return (StatusCode::BAD_REQUEST, "undecodable raft message batch\n");
+        }
+    };
+    {
+        let removed = st.removed.read().expect("removed-set lock");
+        if msgs.iter().any(|m| removed.contains(&m.from)) {
+            return (StatusCode::GONE, "member removed from the cluster\n");
+        }
+    }
+    for m in msgs {
+        if st.raft_msg_tx.send(m).await.is_err() {
+            return (StatusCode::SERVICE_UNAVAILABLE, "node is shutting down\n");
+        }
+    }
+    (StatusCode::NO_CONTENT, "")
+}
+
+/// Accepts a message stream (see the module doc): checks who opens it, answers 101 and
+/// reads frames on a task of its own until the peer closes it or this node stops.
+async fn receive_stream(State(st): State<PeerState>, mut req: Request) -> Response {
+    let from = match stream_from(req.headers()) {
+        Ok(from) => from,
+        Err(why) => return (StatusCode::BAD_REQUEST, why).into_response(),
+    };
+    if st.removed.read().expect("removed-set lock").contains(&from) {
+        return (StatusCode::GONE, "member removed from the cluster\n").into_response();
+    }
+    let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "this connection cannot be upgraded\n",
+        )
+            .into_response();
+    };
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(up) => {
+                let io = hyper_util::rt::TokioIo::new(up);
+                if let Err(e) = read_stream(io, &st, from).await {
+                    slog::warn!(st.logger, "closed a peer stream"; "from" => from, "error" => %e);
+                }
+            }
+            Err(e) => {
+                slog::debug!(st.logger, "stream upgrade failed"; "from" => from, "error" => %e)
+            }
+        }
+    });
+    (
+        StatusCode::SWITCHING_PROTOCOLS,
+        [
+            (header::CONNECTION, "upgrade"),
+            (header::UPGRADE, STREAM_PROTOCOL),
+        ],
+    )
+        .into_response()
+}
+
+fn stream_from(headers: &HeaderMap) -> Result<u64, &'static str> {
+    let upgrade = headers.get(header::UPGRADE).map(HeaderValue::as_bytes);
+    if upgrade != Some(STREAM_PROTOCOL.as_bytes()) {
+        return Err("expected Upgrade: raftexample-raft/1\n");
+    }
+    headers
+        .get(FROM_HEADER)
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .ok_or("missing or invalid X-Raftexample-From\n")
+}
+
+/// Forwards every frame of one stream to raft. Ends quietly when the peer closes the stream
+/// or this node stops; an error is a malformed stream, or a message from a removed member.
+async fn read_stream<R: AsyncRead + Unpin>(
+    mut io: R,
+    st: &PeerState,
+    from: u64,
+) -> Result<(), Error> {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    loop {
+        while let Some(m) = next_frame(&mut buf)? {
+            if m.from != from
+                && st
+                    .removed
+                    .read()
+                    .expect("removed-set lock")
+                    .contains(&m.from)
+            {
+                return Err(Error::Status {
+                    peer: m.from,
+                    status: StatusCode::GONE,
+                });
+            }
+            if st.raft_msg_tx.send(m).await.is_err() {
+                return Ok(()); // raft stopped
+            }
+        }
+        if st.removed.read().expect("removed-set lock").contains(&from) {
+            // Closing makes the sender reopen, and the reopening gets 410.
+            return Ok(());
+        }
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(64 * 1024);
+        }
+        let n = tokio::select! {
+            n = io.read_buf(&mut buf) => n,
+            _ = st.stop.cancelled() => return Ok(()),
+        };
+        match n {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(_) => return Ok(()), // the peer went away; it reopens when it comes back
+        }
+    }
+}
