@@ -44,6 +44,15 @@ impl Error {
     }
 }
 
+/// A snapshot written to its `.snap.tmp` file and synced, not yet renamed into place.
+#[derive(Debug)]
+pub struct TmpSnapshot {
+    tmp: PathBuf,
+    path: PathBuf,
+    index: u64,
+    bytes: u64,
+}
+
 /// What [`Snapshotter::purge`] did.
 #[derive(Debug, PartialEq)]
 pub struct Purged {
@@ -92,11 +101,22 @@ impl Snapshotter {
         data_len: u64,
         write_data: impl FnOnce(&mut dyn Write) -> io::Result<()>,
     ) -> Result<PathBuf, Error> {
+        if meta.index == 0 {
+            return Ok(self.path(meta.term, meta.index));
+        }
+        let tmp = self.write_tmp(meta, data_len, write_data)?;
+        self.commit(tmp)
+    }
+
+    /// The first half of [`Self::save_with`]: the `.snap.tmp` file, written and synced.
+    pub fn write_tmp(
+        &self,
+        meta: &SnapshotMetadata,
+        data_len: u64,
+        write_data: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+    ) -> Result<TmpSnapshot, Error> {
         let name = file_name(meta.term, meta.index);
         let path = self.dir.join(&name);
-        if meta.index == 0 {
-            return Ok(path);
-        }
         let (head, tail) = encode_frame(meta, data_len)?;
         let tmp = self.dir.join(format!("{name}.tmp"));
         let write_tmp = || -> io::Result<()> {
@@ -133,14 +153,23 @@ impl Snapshotter {
             let _ = self.disk.remove(&tmp);
             return Err(Error::io(&tmp, e));
         }
+        Ok(TmpSnapshot {
+            tmp,
+            path,
+            index: meta.index,
+            bytes: 4 + head.len() as u64 + data_len + tail.len() as u64,
+        })
+    }
+
+    /// The second half of [`Self::save_with`]: the rename that makes the file a snapshot,
+    /// made durable.
+    pub fn commit(&self, t: TmpSnapshot) -> Result<PathBuf, Error> {
         self.disk
-            .rename(&tmp, &path)
-            .map_err(|e| Error::io(&path, e))?;
+            .rename(&t.tmp, &t.path)
+            .map_err(|e| Error::io(&t.path, e))?;
         self.sync_dir()?;
-        info!(self.logger, "saved snapshot";
-            "term" => meta.term, "index" => meta.index,
-            "bytes" => 4 + head.len() as u64 + data_len + tail.len() as u64);
-        Ok(path)
+        info!(self.logger, "saved snapshot"; "index" => t.index, "bytes" => t.bytes);
+        Ok(t.path)
     }
 
     /// Where the snapshot `(term, index)` is (or would be) saved.

@@ -134,7 +134,9 @@ fn disk_fault(w: &mut World) {
     } else {
         raftexample::vfs::sim::Fault::NoSpace
     };
-    w.members[&id].disk.fail_op(after, fault);
+    let m = w.members.get_mut(&id).expect("member");
+    m.disk.fail_op(after, fault);
+    m.faulted = true;
     w.event(format!("disk of {id}: {fault:?} after {after} ops"));
 }
 

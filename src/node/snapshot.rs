@@ -92,22 +92,50 @@ pub struct Written {
 /// A snapshot written, or why it could not be.
 pub type SnapshotDone = Result<Written, crate::snap::Error>;
 
+/// A snapshot whose `.snap.tmp` file is written and synced (see [`SnapshotTask::begin`]).
+pub struct Begun {
+    meta: SnapshotMetadata,
+    tmp: crate::snap::TmpSnapshot,
+    data_len: u64,
+}
+
+impl Begun {
+    /// Renames the file into place: the snapshot exists from now on.
+    pub fn finish(self, snapshotter: &Snapshotter) -> SnapshotDone {
+        Ok(Written {
+            path: snapshotter.commit(self.tmp)?,
+            meta: self.meta,
+            data_len: self.data_len,
+        })
+    }
+}
+
 impl SnapshotTask {
     /// Streams the header, the captured map and the trailer into the `.snap` file and makes
     /// it durable: the expensive part, run off the raft loop.
     pub fn write(self, snapshotter: &Snapshotter, source: &dyn SnapshotSource) -> SnapshotDone {
+        self.begin(snapshotter, source)?.finish(snapshotter)
+    }
+
+    /// [`Self::write`] up to the rename: the simulator lets other work (a purge, say) run
+    /// before [`Begun::finish`], as it may while a real snapshot thread writes.
+    pub fn begin(
+        self,
+        snapshotter: &Snapshotter,
+        source: &dyn SnapshotSource,
+    ) -> Result<Begun, crate::snap::Error> {
         let kv_len = source.encoded_len();
         let header = data_header(&self.members, &self.removed, kv_len);
         let trailer = super::learners::encode_trailer(&self.kept);
         let data_len = header.len() as u64 + kv_len + trailer.len() as u64;
-        let path = snapshotter.save_with(&self.meta, data_len, |w| {
+        let tmp = snapshotter.write_tmp(&self.meta, data_len, |w| {
             w.write_all(&header)?;
             source.write_to(w)?;
             w.write_all(&trailer)
         })?;
-        Ok(Written {
+        Ok(Begun {
             meta: self.meta,
-            path,
+            tmp,
             data_len,
         })
     }

@@ -17,6 +17,12 @@ use raftexample::wal::{Wal, WalOptions};
 
 use super::net::Rng;
 
+/// The snapshot thread's progress.
+enum Snap {
+    Captured(SnapshotTask, Map),
+    Begun(node::snapshot::Begun),
+}
+
 /// A member's process while it runs.
 pub struct Running {
     pub node: Node,
@@ -27,8 +33,9 @@ pub struct Running {
     snapshotter: Snapshotter,
     /// Jobs handed to the "writer thread", not yet written.
     jobs: VecDeque<Job>,
-    /// A snapshot being "written": the task and the map captured for it.
-    snapshot: Option<(SnapshotTask, Map)>,
+    /// A snapshot being "written": the task and the map captured for it, then its synced
+    /// `.snap.tmp` waiting for the rename.
+    snapshot: Option<Snap>,
 }
 
 pub struct Member {
@@ -41,6 +48,8 @@ pub struct Member {
     pub flipped: bool,
     pub down_for_good: bool,
     pub boots: u64,
+    /// An EIO or ENOSPC was injected into this run: a fail-stop is then expected.
+    pub faulted: bool,
 }
 
 pub fn root() -> PathBuf {
@@ -77,6 +86,7 @@ impl Member {
             flipped: false,
             down_for_good: false,
             boots: 0,
+            faulted: false,
         }
     }
 
@@ -88,6 +98,7 @@ impl Member {
         logger: &slog::Logger,
     ) -> Result<(), String> {
         self.boots += 1;
+        self.faulted = false;
         // An injected EIO or ENOSPC was a fault of the previous run's disk; it passed.
         self.disk
             .fail_op(u64::MAX, raftexample::vfs::sim::Fault::Eio);
@@ -158,7 +169,7 @@ impl Running {
         }
         if let Some(task) = out.snapshot {
             // Every batch before it is applied: the map is exactly the snapshot's.
-            self.snapshot = Some((task, self.kv.capture()));
+            self.snapshot = Some(Snap::Captured(task, self.kv.capture()));
         }
         out.messages
     }
@@ -197,12 +208,21 @@ impl Running {
         self.snapshot.is_some()
     }
 
-    /// The snapshot thread finishes its file.
+    /// The snapshot thread writes its file, or (the next time) renames it into place.
     pub fn write_snapshot(&mut self) -> Result<(), Stop> {
-        let Some((task, map)) = self.snapshot.take() else {
-            return Ok(());
+        let done = match self.snapshot.take() {
+            None => return Ok(()),
+            Some(Snap::Captured(task, map)) => {
+                match task.begin(&self.snapshotter, &Captured(map)) {
+                    Ok(begun) => {
+                        self.snapshot = Some(Snap::Begun(begun));
+                        return Ok(());
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            Some(Snap::Begun(begun)) => begun.finish(&self.snapshotter),
         };
-        let done = task.write(&self.snapshotter, &Captured(map));
         self.node
             .snapshot_written(done)
             .map_err(|e| Stop::Disk(e.to_string()))

@@ -204,13 +204,10 @@ impl World {
         }
         let msgs = match res {
             Ok(()) => r.process().map_err(|e| format!("member {id}: {e}"))?,
-            Err(stop) => {
-                self.stopped(id, stop);
-                return Ok(());
-            }
+            Err(stop) => return self.stopped(id, stop),
         };
         if r.node.exit().is_some() {
-            self.stopped(id, Stop::Removed);
+            self.stopped(id, Stop::Removed)?;
         }
         for msg in msgs {
             self.net.send(&mut self.rng, self.now, msg);
@@ -220,10 +217,15 @@ impl World {
 
     /// A member that must fail-stop (a disk error) is down until restarted, with what the
     /// failed disk kept; a removed one is gone.
-    fn stopped(&mut self, id: u64, why: Stop) {
+    fn stopped(&mut self, id: u64, why: Stop) -> Result<(), String> {
         let seed = self.rng.next();
         let m = self.members.get_mut(&id).expect("a member");
         match &why {
+            Stop::Disk(e) if !m.faulted => {
+                return Err(format!(
+                    "member {id} stopped with no disk fault injected: {e}"
+                ));
+            }
             Stop::Disk(_) => m.power_cut(seed),
             Stop::Removed => {
                 m.kill();
@@ -231,6 +233,7 @@ impl World {
             }
         }
         self.event(format!("member {id} stopped: {why:?}"));
+        Ok(())
     }
 
     pub fn put(&mut self, id: u64, key: &str) {
