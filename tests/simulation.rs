@@ -2,12 +2,14 @@
 //! the node core, the WAL with its replay, torn-tail repair and purge, the snapshot files, the
 //! kvstore with its proposal and read logic) in one thread, with time, network and disk
 //! simulated and every choice drawn from one seed: client PUTs and linearizable GETs on any
-//! member; messages dropped, delayed, duplicated, reordered, one-way and full partitions;
-//! SIGKILLs, power cuts of one member or of all (the disk keeps what was synced and any subset
-//! of the 4 KiB pages written since), EIO and ENOSPC (the member must fail-stop), bit flips in
-//! synced files (the member must refuse to start, or start with the right data); snapshots
-//! every few writes, compaction, purge, members added (as learners the leader promotes once
-//! caught up) and removed.
+//! member; messages dropped, delayed, duplicated (all but forwarded proposals: see
+//! `sim/net.rs`), reordered, one-way and full partitions; SIGKILLs, power cuts of one member
+//! or of all and power failing in the middle of a sync (the disk keeps what was synced and any
+//! subset of the 4 KiB pages written since), EIO and ENOSPC (the member must fail-stop, and
+//! nothing else may stop it), bit flips in synced files (the member must refuse to start, or
+//! start with the right data); snapshots every few writes, written while the WAL writer runs,
+//! compaction, purge, members added (as learners the leader promotes once caught up) and
+//! removed.
 //!
 //! Checked: at most one leader per term and equal maps at equal applied index (every step);
 //! every member restarts unless its data was damaged; after healing, a PUT commits within a
@@ -114,6 +116,17 @@ fn act(w: &mut World) -> Result<(), String> {
         }
         1165..=1169 => disk_fault(w),
         1170..=1171 => flip_bit(w),
+        1177..=1181 => {
+            // The power fails in the middle of one of the next syncs: a group of writes torn
+            // part-way, what the sync was to make durable left to chance.
+            if let Some(id) = w.rng.pick(&running) {
+                let n = w.rng.below(4);
+                let m = w.members.get_mut(&id).expect("member");
+                m.disk.fail_at_sync(n);
+                m.faulted = true;
+                w.event(format!("power of {id} fails during its sync {n} from now"));
+            }
+        }
         1172..=1176 => {
             let add = w.rng.chance(600);
             w.change_membership(add);

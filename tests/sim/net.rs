@@ -68,7 +68,13 @@ impl Net {
         if lost && !snapshot {
             return;
         }
-        if !lost && rng.chance(self.weather.dup_per_mille) {
+        // Any raft message may arrive twice but a forwarded proposal: raft would append it twice
+        // and its PUT would apply twice (a write coming back after a later one). The daemon's
+        // transport delivers each message at most once (TCP streams; a failed batch is dropped,
+        // never resent), which is what this relies on.
+        let proposal = m.get_msg_type() == raft::prelude::MessageType::MsgPropose;
+        let dup = rng.chance(self.weather.dup_per_mille);
+        if !lost && !proposal && dup {
             let at = now + 1 + rng.below(self.weather.max_delay_ms.max(1));
             self.seq += 1;
             self.flights.insert((at, self.seq), (m.clone(), false));

@@ -99,9 +99,10 @@ impl Member {
     ) -> Result<(), String> {
         self.boots += 1;
         self.faulted = false;
-        // An injected EIO or ENOSPC was a fault of the previous run's disk; it passed.
+        // An injected EIO, ENOSPC or power failure was a fault of the previous run; it passed.
         self.disk
             .fail_op(u64::MAX, raftexample::vfs::sim::Fault::Eio);
+        self.disk.fail_at_sync(u64::MAX);
         let nonce = rng.next();
         let (propose_tx, _) = tokio::sync::mpsc::channel(1);
         let kv = KvStore::new(self.id, nonce, propose_tx, logger);

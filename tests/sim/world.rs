@@ -212,6 +212,13 @@ impl World {
         for msg in msgs {
             self.net.send(&mut self.rng, self.now, msg);
         }
+        if self.members[&id].disk.is_dead() {
+            // The power failed during a sync (of the snapshot thread, say, which does not stop
+            // the node): the machine is off.
+            let seed = self.rng.next();
+            self.members.get_mut(&id).expect("a member").power_cut(seed);
+            self.event(format!("member {id} lost its power"));
+        }
         Ok(())
     }
 
@@ -300,9 +307,11 @@ impl World {
     fn answer_clients(&mut self) {
         let now = self.now;
         let mut forget = Vec::new();
+        let mut answered = Vec::new();
         self.puts.retain_mut(|p| match p.rx.try_recv() {
             Ok(Ok(())) => {
                 self.history[p.op].ret = Some(now * 1_000_000);
+                answered.push(format!("acked op {}", p.op));
                 false
             }
             Ok(Err(_)) => {
@@ -342,8 +351,22 @@ impl World {
             let value = run.kv.lookup(op.key.as_bytes());
             op.kind = Kind::Get(value.map(|v| String::from_utf8_lossy(&v).into_owned()));
             op.ret = Some(now * 1_000_000);
+            let seen = match &op.kind {
+                Kind::Get(Some(v)) => v.chars().take(8).collect(),
+                _ => "nothing".to_string(),
+            };
+            answered.push(format!(
+                "op {} answered on {}: read index {:?}, applied {}, saw {seen}",
+                g.op,
+                g.member,
+                g.index,
+                run.kv.applied(),
+            ));
             false
         });
+        for a in answered {
+            self.event(a);
+        }
         // Marked, not removed, so the indexes of pending operations stay valid.
         for op in forget {
             self.history[op].client = usize::MAX;
