@@ -267,6 +267,13 @@ impl RaftNode {
 
     /// Runs the node until it has nothing more to do, carrying out what it asks for.
     async fn process(&mut self) -> Result<()> {
+        // What the inputs released already (the votes and append responses the writer just
+        // made durable) goes out before the next Readies are built: a follower's response is
+        // what lets the leader commit.
+        let released = self.node.take_output();
+        if !released.is_empty() {
+            self.carry_out(released).await?;
+        }
         loop {
             self.node.process()?;
             let out = self.node.take_output();
