@@ -118,6 +118,12 @@ pub struct Summary {
 /// decide within [`MAX_STEPS`]), with the operations around the point where the search got
 /// stuck.
 pub fn check(history: &[Op]) -> Result<Summary, String> {
+    check_within(history, MAX_STEPS)
+}
+
+/// [`check`] with another search budget per key (the simulator's seeds may pile up many
+/// operations of unknown outcome after a whole-cluster power cut).
+pub fn check_within(history: &[Op], max_steps: u64) -> Result<Summary, String> {
     let mut by_key: HashMap<&str, Vec<&Op>> = HashMap::new();
     for op in history {
         if let Some(ret) = op.ret {
@@ -159,7 +165,7 @@ pub fn check(history: &[Op]) -> Result<Summary, String> {
                 .filter(|op| matches!(op.kind, Kind::Put(_)) && op.ret.is_none())
                 .count();
         summary.ops += kept.len();
-        summary.steps += check_key(key, &kept)?;
+        summary.steps += check_key(key, &kept, max_steps)?;
     }
     Ok(summary)
 }
@@ -190,7 +196,7 @@ impl BitSet {
 }
 
 /// Searches a linearization of one key's operations; returns the number of steps it took.
-fn check_key<'a>(key: &str, ops: &[&'a Op]) -> Result<u64, String> {
+fn check_key<'a>(key: &str, ops: &[&'a Op], max_steps: u64) -> Result<u64, String> {
     let n = ops.len();
     // Register states are interned values: 0 is "absent", value i is state i + 1.
     let mut interned: HashMap<&str, u32> = HashMap::new();
@@ -265,9 +271,9 @@ fn check_key<'a>(key: &str, ops: &[&'a Op]) -> Result<u64, String> {
     let mut deepest: (usize, usize) = (0, 0);
     while next[0] != NIL {
         steps += 1;
-        if steps > MAX_STEPS {
+        if steps > max_steps {
             return Err(format!(
-                "key {key}: gave up after {MAX_STEPS} steps over {n} operations \
+                "key {key}: gave up after {max_steps} steps over {n} operations \
                  (neither a linearization nor a proof that none exists)"
             ));
         }

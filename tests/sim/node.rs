@@ -50,6 +50,9 @@ pub struct Member {
     pub boots: u64,
     /// An EIO or ENOSPC was injected into this run: a fail-stop is then expected.
     pub faulted: bool,
+    /// The power fails right after the writer's next group: no later write or sync of this
+    /// run reaches the disk.
+    pub cut_after_write: bool,
 }
 
 pub fn root() -> PathBuf {
@@ -87,6 +90,7 @@ impl Member {
             down_for_good: false,
             boots: 0,
             faulted: false,
+            cut_after_write: false,
         }
     }
 
@@ -99,6 +103,7 @@ impl Member {
     ) -> Result<(), String> {
         self.boots += 1;
         self.faulted = false;
+        self.cut_after_write = false;
         // An injected EIO, ENOSPC or power failure was a fault of the previous run; it passed.
         self.disk
             .fail_op(u64::MAX, raftexample::vfs::sim::Fault::Eio);

@@ -196,8 +196,10 @@ impl World {
             r.node.tick();
         }
         let mut res = Ok(());
+        let mut wrote = false;
         if write && r.queued_jobs() > 0 {
             res = r.write_jobs(group, &self.logger);
+            wrote = true;
         }
         if res.is_ok() && snap && r.snapshot_pending() {
             res = r.write_snapshot();
@@ -212,7 +214,13 @@ impl World {
         for msg in msgs {
             self.net.send(&mut self.rng, self.now, msg);
         }
-        if self.members[&id].disk.is_dead() {
+        if wrote && self.members[&id].cut_after_write {
+            let seed = self.rng.next();
+            self.members.get_mut(&id).expect("a member").power_cut(seed);
+            self.event(format!(
+                "member {id} lost its power after a group of writes"
+            ));
+        } else if self.members[&id].disk.is_dead() {
             // The power failed during a sync (of the snapshot thread, say, which does not stop
             // the node): the machine is off.
             let seed = self.rng.next();
