@@ -65,8 +65,11 @@ pub struct Config {
     pub wal_segment_size: u64,
 
     /// Snapshots to keep among those recovery could use; older files are deleted after each new
-    /// snapshot.
-    #[arg(long, default_value_t = 5)]
+    /// snapshot, and so is the WAL before the oldest kept. One by default: each snapshot is a
+    /// whole copy of the map (etcd's are small because its map lives in one bbolt file, of
+    /// which it keeps one), so every extra one, with the WAL it needs, adds about a map's size
+    /// to the data dir; a second only helps if the newest is damaged on disk.
+    #[arg(long, default_value_t = 1)]
     pub max_snapshots: usize,
 
     /// Least severe log level written to stderr: critical, error, warning, info, debug, trace.

@@ -299,7 +299,7 @@ fn start_kv_and_raft(
     let snap_kv = kv.clone();
     let handle = start_raft(
         cfg,
-        Box::new(move || Box::new(kvstore::Captured(snap_kv.capture()))),
+        Box::new(move || Box::new(snap_kv.capture_for_snapshot())),
         propose_rx,
         conf_change_rx,
         read_rx,

@@ -11,6 +11,7 @@
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
+use bytes::Bytes;
 use protobuf::Message;
 use raft::prelude::{Snapshot, SnapshotMetadata};
 use slog::{info, o, warn, Logger};
@@ -189,7 +190,7 @@ impl Snapshotter {
             if !wal_snaps.contains(&(term, index)) {
                 continue;
             }
-            let bytes = self.disk.read(&path).map_err(|e| Error::io(&path, e))?;
+            let bytes = Bytes::from(self.disk.read(&path).map_err(|e| Error::io(&path, e))?);
             match decode(&bytes, term, index) {
                 Ok(snap) => {
                     info!(self.logger, "loaded snapshot";
@@ -322,22 +323,24 @@ fn parse_name(name: &str) -> Option<(u64, u64)> {
 }
 
 /// Checks a file's bytes against its CRC and its name.
-fn decode(bytes: &[u8], term: u64, index: u64) -> Result<Snapshot, String> {
+/// The snapshot's data is a slice of `bytes`: a large map is held once, not twice.
+fn decode(bytes: &Bytes, term: u64, index: u64) -> Result<Snapshot, String> {
     if bytes.len() < 4 {
         return Err(format!(
             "file is {} bytes, too short for its crc",
             bytes.len()
         ));
     }
-    let (crc, payload) = bytes.split_at(4);
-    let stored = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
-    let computed = crc32c::crc32c(payload);
+    let stored = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+    let payload = bytes.slice(4..);
+    let computed = crc32c::crc32c(&payload);
     if stored != computed {
         return Err(format!(
             "crc mismatch (stored {stored:08x}, computed {computed:08x})"
         ));
     }
-    let snap = Snapshot::parse_from_bytes(payload).map_err(|e| format!("undecodable: {e}"))?;
+    let snap =
+        Snapshot::parse_from_carllerche_bytes(&payload).map_err(|e| format!("undecodable: {e}"))?;
     let meta = snap.get_metadata();
     if (meta.term, meta.index) != (term, index) {
         return Err(format!(
@@ -423,7 +426,7 @@ impl<W: Write> Write for CrcWriter<W> {
 
 /// Reads the snapshot file at `path`, named after `(term, index)`, and checks it.
 pub fn read(disk: &Disk, path: &Path, term: u64, index: u64) -> Result<Snapshot, Error> {
-    let bytes = disk.read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = Bytes::from(disk.read(path).map_err(|e| Error::io(path, e))?);
     decode(&bytes, term, index).map_err(|reason| Error::Corrupt {
         path: path.to_path_buf(),
         reason,

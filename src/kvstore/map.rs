@@ -1,33 +1,81 @@
-//! The map itself: pairs in one allocation each in a persistent B-tree (an O(1) capture for a
-//! snapshot), and its snapshot encoding.
+//! The map itself: a sorted base from the last snapshot and persistent layers of the writes
+//! since (an O(1) capture for a snapshot), and its snapshot encoding.
 
 use std::io::{self, Write};
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::run::{NotARun, Run, RunBuilder};
 
 use crate::channels::SnapshotSource;
 
-/// The committed key-value pairs. Keys are the request paths, as raftexample has them. A
-/// persistent map: cloning it is O(1), so a snapshot captures it without stopping anything and
-/// serialises it elsewhere. It serialises as a `std` HashMap would (in key order).
+/// The committed key-value pairs. Keys are the request paths, as raftexample has them.
 ///
-/// Each pair is one shared allocation ([`Pair`]) and the map's nodes hold only a pointer to it.
-/// The nodes are fixed-size arrays, so a 16-byte slot instead of two 24-byte `Vec`s matters
-/// (peak RSS in the PUT benchmark about -12%), and a node copied on write while a snapshot
-/// still holds the old one copies pointers, not keys and values. A B-tree rather than imbl's
-/// HAMT: measured with the benchmark's keys, its nodes cost 39 bytes per key at any size
-/// where the HAMT's cost 54 at 280,000 keys and 123 at 100,000 (sparse leaves), and inserts
-/// with periodic captures ran about 3x faster, lookups no slower.
+/// A sorted [`Run`] as the base (the map as of the last snapshot, in the snapshot's own
+/// encoding, so loading or installing a snapshot is one scan and no copy), and persistent
+/// B-tree layers of the writes since (see [`Pair`] for their cost). Cloning is O(1), so a
+/// snapshot or a backup captures the map without stopping anything and serialises it
+/// elsewhere. It serialises in key order, as the `std` map raftexample used would.
+///
+/// A snapshot [`Map::freeze`]s the writes it covers; the snapshot writer merges them with the
+/// base into the snapshot file and, in the same pass, into a new run, which
+/// [`Map::rebase`] then makes the base. Between the two, reads look in three places.
 #[derive(Clone, Debug, Default)]
-pub struct Map(imbl::OrdMap<Pair, ()>);
+pub struct Map {
+    pub(super) base: Arc<Run>,
+    /// Writes captured by a snapshot still being written, with the capture's number.
+    pub(super) frozen: Option<(u64, Layer)>,
+    /// Writes since.
+    pub(super) top: Layer,
+    len: usize,
+}
 
-/// Equal keys with equal values (the pairs themselves compare by key only).
+/// Writes above the base. A B-tree rather than imbl's HAMT: measured with the benchmark's
+/// keys, its nodes cost 39 bytes per key at any size where the HAMT's cost 54 at 280,000 keys
+/// and 123 at 100,000 (sparse leaves), and inserts with periodic captures ran about 3x
+/// faster, lookups no slower.
+type Layer = imbl::OrdMap<Pair, ()>;
+
+/// Numbers freezes across every map, so a rebase computed for one capture never applies to a
+/// map that was replaced (by a snapshot from the leader) and frozen again meanwhile.
+static FREEZES: AtomicU64 = AtomicU64::new(1);
+
+/// Equal keys with equal values.
 impl PartialEq for Map {
     fn eq(&self, other: &Map) -> bool {
-        self.len() == other.len() && self.iter().all(|(k, v)| other.get(k) == Some(v))
+        self.len() == other.len() && self.iter().eq(other.iter())
     }
 }
 
 impl Eq for Map {}
+
+type KV<'a> = (&'a [u8], &'a [u8]);
+
+/// Two key-ordered sequences as one; on equal keys `a`'s pair wins (it is the newer write).
+fn merge<'a>(
+    a: impl Iterator<Item = KV<'a>>,
+    b: impl Iterator<Item = KV<'a>>,
+) -> impl Iterator<Item = KV<'a>> {
+    let (mut a, mut b) = (a.peekable(), b.peekable());
+    std::iter::from_fn(move || match (a.peek(), b.peek()) {
+        (Some(x), Some(y)) => match x.0.cmp(y.0) {
+            std::cmp::Ordering::Less => a.next(),
+            std::cmp::Ordering::Greater => b.next(),
+            std::cmp::Ordering::Equal => {
+                b.next();
+                a.next()
+            }
+        },
+        (Some(_), None) => a.next(),
+        (None, _) => b.next(),
+    })
+}
+
+fn layer_iter(l: &Layer) -> impl Iterator<Item = KV<'_>> {
+    l.keys().map(|p| (p.key(), p.value()))
+}
 
 impl Map {
     pub fn new() -> Map {
@@ -35,58 +83,133 @@ impl Map {
     }
 
     pub fn insert(&mut self, key: &[u8], value: &[u8]) {
+        self.insert_pair(Pair::new(key, value));
+    }
+
+    pub fn insert_pair(&mut self, pair: Pair) {
         // Replaces the stored pair, key included.
-        self.0.insert(Pair::new(key, value), ());
+        let replaced = self.top.insert(pair.clone(), ()).is_some();
+        if !replaced && !self.below_top(pair.key()) {
+            self.len += 1;
+        }
+    }
+
+    fn below_top(&self, key: &[u8]) -> bool {
+        self.frozen
+            .as_ref()
+            .is_some_and(|(_, f)| f.contains_key(key))
+            || self.base.contains(key)
     }
 
     pub fn get(&self, key: &[u8]) -> Option<&[u8]> {
-        self.0.get_key_value(key).map(|(p, _)| p.value())
+        if let Some((p, _)) = self.top.get_key_value(key) {
+            return Some(p.value());
+        }
+        if let Some((p, _)) = self.frozen.as_ref().and_then(|(_, f)| f.get_key_value(key)) {
+            return Some(p.value());
+        }
+        self.base.get(key)
     }
 
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.len == 0
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.0.keys().map(|p| (p.key(), p.value()))
+    /// Every pair, in key order.
+    pub fn iter(&self) -> impl Iterator<Item = KV<'_>> {
+        let frozen = self.frozen.iter().flat_map(|(_, f)| layer_iter(f));
+        merge(layer_iter(&self.top), merge(frozen, self.base.iter()))
+    }
+
+    /// Starts a snapshot: the writes so far join the frozen layer, and later ones go to a new
+    /// top. Returns the capture's number for [`Map::rebase`].
+    pub fn freeze(&mut self) -> u64 {
+        let top = std::mem::take(&mut self.top);
+        let frozen = match self.frozen.take() {
+            // A snapshot that failed left its layer: the new one covers both.
+            Some((_, mut older)) => {
+                for p in top.keys() {
+                    older.insert(p.clone(), ());
+                }
+                older
+            }
+            None => top,
+        };
+        let n = FREEZES.fetch_add(1, AtomicOrdering::Relaxed);
+        self.frozen = Some((n, frozen));
+        n
+    }
+
+    /// Makes `base`, built from the base and frozen layer of capture `n`, the base, unless the
+    /// map changed under that capture. Returns whether it did.
+    pub fn rebase(&mut self, n: u64, base: Run) -> bool {
+        if !self.frozen.as_ref().is_some_and(|(f, _)| *f == n) {
+            return false;
+        }
+        self.base = Arc::new(base);
+        self.frozen = None;
+        true
+    }
+
+    /// The map a snapshot encoded; its pairs are not copied when it is a [`Run`], as every
+    /// snapshot written by this crate is.
+    pub fn from_encoded(data: Bytes) -> Result<Map, DecodeError> {
+        match Run::parse(data.clone()) {
+            Ok(run) => Ok(Map {
+                len: run.len(),
+                base: Arc::new(run),
+                ..Map::default()
+            }),
+            Err(NotARun::Unsorted) => decode(&data),
+            Err(NotARun::Bad(e)) => Err(e),
+        }
     }
 }
 
-/// A key and its value in one allocation: `[key length: u32 LE][key][value]`. Ordered and
-/// compared by key alone, so the map finds it by a `&[u8]` key.
+/// A key and its value as the snapshot and the PUT entry both encode them: `[key length: u64
+/// LE][key][value length: u64 LE][value]`. Ordered and compared by key alone, so the map finds
+/// it by a `&[u8]` key.
+///
+/// Applied from an entry, it is a slice of the entry's data, not a copy: the raft log holds the
+/// entries since the last snapshot anyway, and the next snapshot moves every pair into the
+/// base, so sharing bounds the layers' memory by what the log already holds (a copy doubled
+/// it: with 16 KiB values a joining member held each value twice while it caught up).
 #[derive(Clone, Debug)]
-pub struct Pair(Arc<[u8]>);
+pub struct Pair(Bytes);
 
 impl Pair {
-    fn new(key: &[u8], value: &[u8]) -> Pair {
-        let len = u32::try_from(key.len()).expect("keys are bounded by the request size limit");
-        Pair(
-            len.to_le_bytes()
-                .into_iter()
-                .chain(key.iter().copied())
-                .chain(value.iter().copied())
-                .collect(),
-        )
+    pub fn new(key: &[u8], value: &[u8]) -> Pair {
+        let mut buf = Vec::with_capacity(16 + key.len() + value.len());
+        put_bytes(&mut buf, key)
+            .and_then(|()| put_bytes(&mut buf, value))
+            .expect("writing to a Vec cannot fail");
+        Pair(buf.into())
+    }
+
+    /// A pair encoded in an entry's data (a PUT's encoding after its id), checked by
+    /// [`super::decode_pairs`].
+    pub fn in_entry(encoded: Bytes) -> Pair {
+        Pair(encoded)
     }
 
     fn key_len(&self) -> usize {
         let (len, _) = self
             .0
-            .split_first_chunk::<4>()
+            .split_first_chunk::<8>()
             .expect("built with a length");
-        u32::from_le_bytes(*len) as usize
+        u64::from_le_bytes(*len) as usize
     }
 
     fn key(&self) -> &[u8] {
-        &self.0[4..4 + self.key_len()]
+        &self.0[8..8 + self.key_len()]
     }
 
     fn value(&self) -> &[u8] {
-        &self.0[4 + self.key_len()..]
+        &self.0[16 + self.key_len()..]
     }
 }
 
@@ -119,9 +242,36 @@ impl std::borrow::Borrow<[u8]> for Pair {
 /// Bytes of encoded pairs handed to the snapshot writer at once.
 pub(super) const WRITE_CHUNK: usize = 64 << 10;
 
-/// A map captured for a snapshot (an O(1) clone), written in the snapshot format: the pair
-/// count, then each key and value with its length.
+/// A map captured for a snapshot or a backup (an O(1) clone), written in the snapshot format:
+/// the pair count, then each key and value with its length.
 pub struct Captured(pub Map);
+
+impl Captured {
+    /// Writes the map to `w`, and if `run` is given, the same bytes into it.
+    pub fn write_with(
+        &self,
+        w: &mut dyn Write,
+        mut run: Option<&mut RunBuilder>,
+    ) -> io::Result<()> {
+        // Pairs are gathered into chunks first: four small writes per pair through the
+        // snapshot's CRC-counting writer cost more than the copying.
+        let mut chunk = Vec::with_capacity(2 * WRITE_CHUNK);
+        put_u64(&mut chunk, self.0.len() as u64)?;
+        for (k, v) in self.0.iter() {
+            let at = chunk.len();
+            put_bytes(&mut chunk, k)?;
+            put_bytes(&mut chunk, v)?;
+            if let Some(run) = run.as_deref_mut() {
+                run.push_encoded(&chunk[at..]);
+            }
+            if chunk.len() >= WRITE_CHUNK {
+                w.write_all(&chunk)?;
+                chunk.clear();
+            }
+        }
+        w.write_all(&chunk)
+    }
+}
 
 impl SnapshotSource for Captured {
     fn encoded_len(&self) -> u64 {
@@ -133,19 +283,7 @@ impl SnapshotSource for Captured {
     }
 
     fn write_to(&self, w: &mut dyn Write) -> io::Result<()> {
-        // Pairs are gathered into chunks first: four small writes per pair through the
-        // snapshot's CRC-counting writer cost more than the copying.
-        let mut chunk = Vec::with_capacity(2 * WRITE_CHUNK);
-        put_u64(&mut chunk, self.0.len() as u64)?;
-        for (k, v) in self.0.iter() {
-            put_bytes(&mut chunk, k)?;
-            put_bytes(&mut chunk, v)?;
-            if chunk.len() >= WRITE_CHUNK {
-                w.write_all(&chunk)?;
-                chunk.clear();
-            }
-        }
-        w.write_all(&chunk)
+        self.write_with(w, None)
     }
 }
 

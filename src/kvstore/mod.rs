@@ -16,8 +16,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 pub use crate::channels::{Apply, Proposal};
 
 mod map;
+mod run;
 pub use map::{decode, encode, Captured, DecodeError, Map, Pair};
 use map::{get_bytes, get_u64, put_bytes, put_u64};
+use run::RunBuilder;
 
 /// The replicated command: a PUT tagged with an id unique to the proposing node's run, so that
 /// only the node that proposed it wakes its client. It borrows its key and value, so applying
@@ -66,6 +68,21 @@ pub fn decode_puts(mut buf: &[u8]) -> Result<Vec<Put<'_>>, DecodeError> {
         puts.push(Put::decode_next(&mut buf)?);
     }
     Ok(puts)
+}
+
+/// [`decode_puts`] as each PUT's id and the range of `buf` that holds its key and value with
+/// their lengths (a [`Pair`]'s encoding), so the map can take them without a copy.
+pub fn decode_pairs(buf: &[u8]) -> Result<Vec<(u64, std::ops::Range<usize>)>, DecodeError> {
+    let mut rest = buf;
+    let mut pairs = Vec::new();
+    while !rest.is_empty() {
+        let id = get_u64(&mut rest)?;
+        let start = buf.len() - rest.len();
+        get_bytes(&mut rest)?;
+        get_bytes(&mut rest)?;
+        pairs.push((id, start..buf.len() - rest.len()));
+    }
+    Ok(pairs)
 }
 
 /// How many writes an entry's data holds, for the snapshot and catch-up counts, which count
@@ -184,6 +201,18 @@ impl KvStore {
         self.map.read().expect("map lock").clone()
     }
 
+    /// The map for a snapshot at the applied index, in O(1): its writes are frozen, and
+    /// writing the snapshot also builds the map's next base (see [`Map::freeze`]).
+    pub fn capture_for_snapshot(self: &Arc<Self>) -> ForSnapshot {
+        let mut map = self.map.write().expect("map lock");
+        let freeze = map.freeze();
+        ForSnapshot {
+            map: Captured(map.clone()),
+            freeze,
+            store: Arc::downgrade(self),
+        }
+    }
+
     /// The map with the index and term it is at, in O(1) (for a backup).
     pub fn capture_at(&self) -> (Map, u64, u64) {
         let map = self.map.read().expect("map lock");
@@ -274,11 +303,11 @@ impl KvStore {
                     self.applied_tx.send_replace(index);
                     self.applied_term.store(term, Ordering::Relaxed);
                     for d in &data {
-                        match decode_puts(d) {
-                            Ok(puts) => {
-                                for put in puts {
-                                    woken.push(put.id);
-                                    map.insert(put.key, put.value);
+                        match decode_pairs(d) {
+                            Ok(pairs) => {
+                                for (id, at) in pairs {
+                                    woken.push(id);
+                                    map.insert_pair(Pair::in_entry(d.slice(at)));
                                 }
                             }
                             // Every node decodes the same entry the same way, so skipping it
@@ -294,7 +323,7 @@ impl KvStore {
                 let _ = applied.send(());
             }
             Apply::Dropped { ids, reason } => self.wake(ids, Err(reason)),
-            Apply::Snapshot { index, term, data } => match decode(&data) {
+            Apply::Snapshot { index, term, data } => match Map::from_encoded(data) {
                 Ok(map) => {
                     slog::info!(self.logger, "loaded snapshot"; "index" => index, "keys" => map.len());
                     let mut m = self.map.write().expect("map lock");
@@ -329,6 +358,33 @@ impl KvStore {
         }
         // Waiters whose entries never applied learn that the outcome is unknown.
         self.waiters.lock().expect("waiters lock").clear();
+    }
+}
+
+/// A map frozen for a snapshot ([`KvStore::capture_for_snapshot`]). Writing it also builds
+/// the run of the same pairs and hands it to the store as the map's new base, which drops the
+/// old base and the frozen layer.
+pub struct ForSnapshot {
+    map: Captured,
+    freeze: u64,
+    store: std::sync::Weak<KvStore>,
+}
+
+impl crate::channels::SnapshotSource for ForSnapshot {
+    fn encoded_len(&self) -> u64 {
+        self.map.encoded_len()
+    }
+
+    fn write_to(&self, w: &mut dyn std::io::Write) -> std::io::Result<()> {
+        let mut run = RunBuilder::new(self.encoded_len(), self.map.0.len());
+        self.map.write_with(w, Some(&mut run))?;
+        if let Some(store) = self.store.upgrade() {
+            let mut map = store.map.write().expect("map lock");
+            // The same pairs in another form: no durability is involved, so this need not
+            // wait for the file to be renamed into place.
+            map.rebase(self.freeze, run.finish());
+        }
+        Ok(())
     }
 }
 
@@ -384,6 +440,55 @@ mod tests {
         let mut same = before.clone();
         same.insert(b"/k", b"v2");
         assert_eq!(same, map);
+    }
+
+    /// Through a freeze and a rebase, in any order with later writes and with a snapshot
+    /// that replaces the map meanwhile, the map reads the same as a plain one, and a rebase
+    /// for a capture that is no longer the map's is refused.
+    #[test]
+    fn frozen_writes_become_the_base() {
+        let (kv, _rx) = store();
+        let put = |k: &str, v: &str| kv.map.write().unwrap().insert(k.as_bytes(), v.as_bytes());
+        put("/a", "1");
+        put("/b", "1");
+        let snap = kv.capture_for_snapshot();
+        put("/b", "2");
+        put("/c", "2");
+        let mut file = Vec::new();
+        snap.write_to(&mut file).unwrap();
+        assert_eq!(file.len() as u64, snap.encoded_len());
+        let want: Vec<(&[u8], &[u8])> = vec![(b"/a", b"1"), (b"/b", b"2"), (b"/c", b"2")];
+        {
+            let map = kv.map.read().unwrap();
+            assert!(map.frozen.is_none(), "rebased");
+            assert_eq!(map.len(), 3);
+            assert!(map.iter().eq(want.iter().copied()));
+            assert_eq!(map.get(b"/b"), Some(&b"2"[..]));
+        }
+        // The file holds the map as captured, and loads as a run.
+        let loaded = Map::from_encoded(file.into()).unwrap();
+        assert!(loaded.iter().eq([(&b"/a"[..], &b"1"[..]), (b"/b", b"1")]));
+        assert_eq!(loaded.len(), 2);
+
+        // A failed snapshot leaves its layer; the next freeze covers it and the newer writes.
+        let _failed = kv.capture_for_snapshot();
+        put("/d", "3");
+        let next = kv.capture_for_snapshot();
+        put("/a", "4");
+        // Replaced by a snapshot from the leader before `next` is written: no rebase.
+        kv.apply(Apply::Snapshot {
+            index: 9,
+            term: 1,
+            data: encode(&kv.capture()).into(),
+        });
+        let before = kv.capture();
+        next.write_to(&mut Vec::new()).unwrap();
+        let map = kv.map.read().unwrap();
+        assert!(map.frozen.is_none() && map.top.is_empty());
+        assert_eq!(*map, before);
+        assert_eq!(map.get(b"/a"), Some(&b"4"[..]));
+        assert_eq!(map.get(b"/d"), Some(&b"3"[..]));
+        assert_eq!(map.len(), 4);
     }
 
     /// The hand-written codecs keep bincode 1.3's layout (so files written before them still
@@ -472,6 +577,14 @@ mod tests {
         assert_eq!(count_writes(&puts[0].encode()), 1);
         assert_eq!(count_writes(b"junk"), 1);
         assert!(decode_puts(&packed[..packed.len() - 1]).is_err());
+        // Each pair's range is its key and value as a pair encodes them.
+        let pairs = decode_pairs(&packed).unwrap();
+        assert_eq!(pairs.len(), 3);
+        for ((id, at), put) in pairs.into_iter().zip(&puts) {
+            assert_eq!(id, put.id);
+            assert_eq!(&packed[at], &put.encode()[8..]);
+        }
+        assert!(decode_pairs(&packed[..packed.len() - 1]).is_err());
 
         let single = Put {
             id: 4,

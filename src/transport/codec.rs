@@ -1,7 +1,7 @@
 //! The wire format of raft messages between peers: protobuf, length-delimited, as a batch
 //! (`POST /raft`) or as the frames of a stream.
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use protobuf::{CodedInputStream, Message as _};
 use raft::prelude::Message;
 
@@ -23,8 +23,9 @@ pub(super) fn encode_batch_into(msgs: &[Message], buf: &mut Vec<u8>) {
     }
 }
 
-pub fn decode_batch(buf: &[u8]) -> Result<Vec<Message>, Error> {
-    let mut is = CodedInputStream::from_bytes(buf);
+/// Entry and snapshot data in the messages are slices of `buf`, not copies.
+pub fn decode_batch(buf: &Bytes) -> Result<Vec<Message>, Error> {
+    let mut is = CodedInputStream::from_carllerche_bytes(buf);
     let mut msgs = Vec::new();
     while !is.eof()? {
         msgs.push(is.read_message::<Message>()?);
@@ -58,6 +59,7 @@ pub(super) fn next_frame(buf: &mut BytesMut) -> Result<Option<Message>, Error> {
         return Ok(None);
     }
     buf.advance(header);
-    let frame = buf.split_to(len);
-    Ok(Some(Message::parse_from_bytes(&frame)?))
+    // Frozen, so a snapshot's data is a slice of the frame rather than a copy of it.
+    let frame = buf.split_to(len).freeze();
+    Ok(Some(Message::parse_from_carllerche_bytes(&frame)?))
 }

@@ -507,10 +507,10 @@ mod tests {
         let mut b = Message::default();
         b.set_msg_type(MessageType::MsgSnapshot);
         b.mut_snapshot().data = vec![0xff; 10].into();
-        let got = decode_batch(&encode_batch(&[a.clone(), b.clone()])).unwrap();
+        let got = decode_batch(&encode_batch(&[a.clone(), b.clone()]).into()).unwrap();
         assert_eq!(got, vec![a, b]);
-        assert!(decode_batch(&[0x05, 0x01]).is_err());
-        assert!(decode_batch(&[]).unwrap().is_empty());
+        assert!(decode_batch(&Bytes::from_static(&[0x05, 0x01])).is_err());
+        assert!(decode_batch(&Bytes::new()).unwrap().is_empty());
     }
 
     /// A stream delivers frames in pieces of any size; each message comes out once whole.

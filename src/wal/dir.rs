@@ -148,3 +148,27 @@ pub(super) fn remove_tmp_files(disk: &Disk, dir: &Path) -> Result<(), Error> {
     }
     Ok(())
 }
+
+/// How a [`super::Wal`] lays out and writes its segments.
+#[derive(Clone, Debug)]
+pub struct WalOptions {
+    /// Roll over to a new segment once the current one exceeds this size.
+    pub segment_size: u64,
+    /// Test hook simulating a full disk: once this many bytes have been
+    /// written through this `Wal`, the write that would pass the limit
+    /// writes the bytes that fit and then fails with an I/O error.
+    #[doc(hidden)]
+    pub fail_write_after: Option<u64>,
+    /// Where the segments live: the OS, or a simulated disk in tests.
+    pub disk: Disk,
+}
+
+impl Default for WalOptions {
+    fn default() -> Self {
+        WalOptions {
+            segment_size: 64 << 20,
+            fail_write_after: None,
+            disk: Disk::default(),
+        }
+    }
+}

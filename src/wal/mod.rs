@@ -91,31 +91,11 @@ use segment::{SegmentFile, SegmentName};
 
 use crate::vfs::Disk;
 use dir::{list_segments, remove_tmp_files, Replay};
-pub use dir::{read_dir_records, DirRecord, DirRecords};
+
+/// Bytes of encoded records [`Wal::save`] writes at a time.
+const SAVE_CHUNK: usize = 1 << 20;
+pub use dir::{read_dir_records, DirRecord, DirRecords, WalOptions};
 pub use error::Error;
-
-#[derive(Clone, Debug)]
-pub struct WalOptions {
-    /// Roll over to a new segment once the current one exceeds this size.
-    pub segment_size: u64,
-    /// Test hook simulating a full disk: once this many bytes have been
-    /// written through this `Wal`, the write that would pass the limit
-    /// writes the bytes that fit and then fails with an I/O error.
-    #[doc(hidden)]
-    pub fail_write_after: Option<u64>,
-    /// Where the segments live: the OS, or a simulated disk in tests.
-    pub disk: Disk,
-}
-
-impl Default for WalOptions {
-    fn default() -> Self {
-        WalOptions {
-            segment_size: 64 << 20,
-            fail_write_after: None,
-            disk: Disk::default(),
-        }
-    }
-}
 
 /// What [`Wal::open`] read back.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -303,8 +283,8 @@ impl Wal {
     }
 
     /// Appends entries then (if Some) the HardState as records, in that
-    /// order, in ONE write; fdatasync if `sync`. Rolls to a new segment
-    /// afterwards if the segment exceeded `segment_size`.
+    /// order; fdatasync if `sync`. Rolls to a new segment afterwards if the
+    /// segment exceeded `segment_size`.
     pub fn save(
         &mut self,
         entries: &[Entry],
@@ -313,21 +293,13 @@ impl Wal {
     ) -> Result<(), Error> {
         self.check_usable()?;
         let mut buf = std::mem::take(&mut self.buf);
-        buf.clear();
-        let mut crc = self.crc;
-        for e in entries {
-            // Entry data is `Bytes`, so the clone does not copy it.
-            crc = encode(&Record::Entry(e.clone()), crc, &mut buf)?;
+        let r = self.write_records(&mut buf, entries, hs, sync);
+        if buf.capacity() > 2 * SAVE_CHUNK {
+            // One large record widened it: not kept for the next save.
+            buf = Vec::new();
         }
-        if let Some(hs) = hs {
-            crc = encode(&Record::HardState(hs.clone()), crc, &mut buf)?;
-        }
-        let r = self
-            .write(&buf)
-            .and_then(|()| if sync { self.seg.sync() } else { Ok(()) });
         self.buf = buf;
-        self.poison_on_err(r)?;
-        self.crc = crc;
+        self.crc = self.poison_on_err(r)?;
         if let Some(e) = entries.last() {
             self.tail.last_index = e.index;
         }
@@ -335,6 +307,37 @@ impl Wal {
             self.tail.hard_state = Some(hs.clone());
         }
         self.maybe_roll()
+    }
+
+    /// Encodes and writes the records of [`Self::save`] in chunks of about [`SAVE_CHUNK`]:
+    /// a follower catching up gets hundreds of MB in one Ready, and encoding it whole held a
+    /// second copy. Any subset of unsynced pages may be lost anyway, so one write bought no
+    /// atomicity. Returns the CRC after the last record.
+    fn write_records(
+        &mut self,
+        buf: &mut Vec<u8>,
+        entries: &[Entry],
+        hs: Option<&HardState>,
+        sync: bool,
+    ) -> Result<u32, Error> {
+        buf.clear();
+        let mut crc = self.crc;
+        for e in entries {
+            // Entry data is `Bytes`, so the clone does not copy it.
+            crc = encode(&Record::Entry(e.clone()), crc, buf)?;
+            if buf.len() >= SAVE_CHUNK {
+                self.write(buf)?;
+                buf.clear();
+            }
+        }
+        if let Some(hs) = hs {
+            crc = encode(&Record::HardState(hs.clone()), crc, buf)?;
+        }
+        self.write(buf)?;
+        if sync {
+            self.seg.sync()?;
+        }
+        Ok(crc)
     }
 
     /// Appends a snapshot marker and fsyncs.

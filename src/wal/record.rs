@@ -6,6 +6,7 @@
 
 use std::fmt;
 
+use bytes::Bytes;
 use protobuf::Message;
 use raft::prelude::{Entry, HardState};
 
@@ -177,7 +178,18 @@ pub fn encode(rec: &Record, prev_crc: u32, out: &mut Vec<u8>) -> Result<u32, Enc
 /// chain seeded with `prev_crc`. `buf` must not be empty (that is EOF, which
 /// the caller handles). Never panics and never allocates from an unchecked
 /// length.
+#[cfg(test)]
 pub fn decode(buf: &[u8], prev_crc: u32) -> Result<Decoded, DecodeError> {
+    decode_in(buf, prev_crc, None)
+}
+
+/// [`decode`] of a `buf` inside `backing`: an entry's data is then a slice of `backing`
+/// rather than a copy (replaying a WAL of large values copied each one more time).
+pub fn decode_in(
+    buf: &[u8],
+    prev_crc: u32,
+    backing: Option<&Bytes>,
+) -> Result<Decoded, DecodeError> {
     if buf.len() < FRAME_HEADER_LEN {
         return Err(DecodeError::Truncated {
             need: FRAME_HEADER_LEN as u64,
@@ -206,7 +218,7 @@ pub fn decode(buf: &[u8], prev_crc: u32) -> Result<Decoded, DecodeError> {
         return Err(DecodeError::CrcMismatch { stored, computed });
     }
     Ok(Decoded {
-        record: decode_body(body)?,
+        record: decode_body(body, backing)?,
         len: total,
         crc: computed,
     })
@@ -225,7 +237,7 @@ pub fn peek_prev_crc(buf: &[u8]) -> Option<u32> {
     Some(le_u32(&buf[body_end - 4..body_end]))
 }
 
-fn decode_body(body: &[u8]) -> Result<Record, DecodeError> {
+fn decode_body(body: &[u8], backing: Option<&Bytes>) -> Result<Record, DecodeError> {
     let (ty, payload) = match body.split_first() {
         Some((ty, payload)) => (*ty, payload),
         None => return Err(DecodeError::ZeroLength),
@@ -244,9 +256,12 @@ fn decode_body(body: &[u8]) -> Result<Record, DecodeError> {
             prev_crc: le_u32(&payload[16..20]),
         })),
         TYPE_HEADER => Err(wrong_len(HEADER_PAYLOAD_LEN)),
-        TYPE_ENTRY => Entry::parse_from_bytes(payload)
-            .map(Record::Entry)
-            .map_err(bad),
+        TYPE_ENTRY => match backing {
+            Some(b) => Entry::parse_from_carllerche_bytes(&b.slice_ref(payload)),
+            None => Entry::parse_from_bytes(payload),
+        }
+        .map(Record::Entry)
+        .map_err(bad),
         TYPE_HARD_STATE => HardState::parse_from_bytes(payload)
             .map(Record::HardState)
             .map_err(bad),

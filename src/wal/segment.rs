@@ -1,6 +1,7 @@
 //! One segment file: naming, creation, appending, and scanning its records
 //! with the torn-tail policy.
 
+use bytes::Bytes;
 use std::path::{Path, PathBuf};
 
 use super::record::{self, DecodeError, Record, SegmentHeader, FRAME_HEADER_LEN, MAX_RECORD_LEN};
@@ -204,13 +205,14 @@ pub(super) fn read(
     prev_crc: Option<u32>,
     is_last: bool,
 ) -> Result<Scanned, Error> {
-    let buf = disk.read(path).map_err(|e| Error::io(path, e))?;
+    let buf = Bytes::from(disk.read(path).map_err(|e| Error::io(path, e))?);
     let corrupt = |offset: u64, reason: String| Error::Corrupt {
         path: path.to_path_buf(),
         offset,
         reason,
     };
-    let scan = scan(&buf, prev_crc, is_last).map_err(|(off, reason)| corrupt(off, reason))?;
+    let scan = scan_in(&buf, Some(&buf), prev_crc, is_last)
+        .map_err(|(off, reason)| corrupt(off, reason))?;
     let mut records = scan.records.into_iter();
     let header = match records.next() {
         Some((_, Record::Header(h))) => h,
@@ -272,8 +274,19 @@ pub(super) struct Scan {
 /// write leaves behind; both are reported as `torn`. Anything
 /// else is corruption, returned as `(offset, reason)`. Pure, so it can be
 /// fuzzed.
+#[cfg(test)]
 pub(super) fn scan(
     buf: &[u8],
+    prev_crc: Option<u32>,
+    is_last: bool,
+) -> Result<Scan, (u64, String)> {
+    scan_in(buf, None, prev_crc, is_last)
+}
+
+/// [`scan`] whose entries' data are slices of `backing` (which holds `buf`).
+fn scan_in(
+    buf: &[u8],
+    backing: Option<&Bytes>,
     prev_crc: Option<u32>,
     is_last: bool,
 ) -> Result<Scan, (u64, String)> {
@@ -282,7 +295,7 @@ pub(super) fn scan(
     let mut off = 0;
     while off < buf.len() {
         let rest = &buf[off..];
-        match record::decode(rest, crc) {
+        match record::decode_in(rest, crc, backing) {
             Ok(d) => {
                 records.push((off as u64, d.record));
                 crc = d.crc;

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
 use raftexample::config::PeerUrl;
-use raftexample::kvstore::{Captured, KvStore, Map};
+use raftexample::kvstore::{ForSnapshot, KvStore};
 use raftexample::node::{self, Boot, Node, Output, SnapshotTask};
 use raftexample::snap::Snapshotter;
 use raftexample::vfs::sim::SimDisk;
@@ -19,7 +19,7 @@ use super::net::Rng;
 
 /// The snapshot thread's progress.
 enum Snap {
-    Captured(SnapshotTask, Map),
+    Captured(SnapshotTask, ForSnapshot),
     Begun(node::snapshot::Begun),
 }
 
@@ -175,7 +175,7 @@ impl Running {
         }
         if let Some(task) = out.snapshot {
             // Every batch before it is applied: the map is exactly the snapshot's.
-            self.snapshot = Some(Snap::Captured(task, self.kv.capture()));
+            self.snapshot = Some(Snap::Captured(task, self.kv.capture_for_snapshot()));
         }
         out.messages
     }
@@ -218,15 +218,13 @@ impl Running {
     pub fn write_snapshot(&mut self) -> Result<(), Stop> {
         let done = match self.snapshot.take() {
             None => return Ok(()),
-            Some(Snap::Captured(task, map)) => {
-                match task.begin(&self.snapshotter, &Captured(map)) {
-                    Ok(begun) => {
-                        self.snapshot = Some(Snap::Begun(begun));
-                        return Ok(());
-                    }
-                    Err(e) => Err(e),
+            Some(Snap::Captured(task, map)) => match task.begin(&self.snapshotter, &map) {
+                Ok(begun) => {
+                    self.snapshot = Some(Snap::Begun(begun));
+                    return Ok(());
                 }
-            }
+                Err(e) => Err(e),
+            },
             Some(Snap::Begun(begun)) => begun.finish(&self.snapshotter),
         };
         self.node

@@ -1,0 +1,194 @@
+//! A sorted run: the map's pairs in the snapshot encoding, held as the one buffer the snapshot
+//! was read or received into, plus the offset of every pair. It is the map's base; the writes
+//! since the snapshot sit in persistent layers above it (see [`super::Map`]).
+//!
+//! Why: a pair in its own allocation under a B-tree costs about 150 bytes of memory for a
+//! 10-byte key and a 64-byte value, and loading a snapshot meant 1.5 million allocations and
+//! inserts; here a pair costs its encoding plus 8 bytes, and loading is one scan.
+
+use bytes::Bytes;
+
+use super::map::DecodeError;
+
+/// Pairs encoded as the snapshot has them (`[count: u64][key len: u64][key][value len:
+/// u64][value]...`), keys strictly ascending.
+#[derive(Clone, Debug, Default)]
+pub struct Run {
+    data: Bytes,
+    /// Where each pair's key length starts in `data`.
+    offsets: Vec<u64>,
+}
+
+/// Why an encoded map is not a run.
+#[derive(Debug, PartialEq)]
+pub enum NotARun {
+    /// Damaged: the map cannot be decoded at all.
+    Bad(DecodeError),
+    /// Well-formed, but its keys are not in ascending order (a map serialised by bincode from
+    /// a hash map, as the first versions wrote): it must be sorted into a layer instead.
+    Unsorted,
+}
+
+impl Run {
+    /// Checks every length of `data` and that the keys ascend, noting where each pair starts.
+    pub fn parse(data: Bytes) -> Result<Run, NotARun> {
+        let mut buf = &data[..];
+        let n = super::map::get_u64(&mut buf).map_err(NotARun::Bad)?;
+        // Each pair takes at least 16 bytes, so a corrupt count cannot ask for gigabytes.
+        let mut offsets = Vec::with_capacity(n.min(buf.len() as u64 / 16) as usize);
+        let mut prev: Option<&[u8]> = None;
+        for _ in 0..n {
+            offsets.push((data.len() - buf.len()) as u64);
+            let k = super::map::get_bytes(&mut buf).map_err(NotARun::Bad)?;
+            super::map::get_bytes(&mut buf).map_err(NotARun::Bad)?;
+            if prev.is_some_and(|p| p >= k) {
+                // Still decode the rest: a damaged map is an error, not a sort.
+                while super::map::get_bytes(&mut buf).is_ok() {}
+                return Err(NotARun::Unsorted);
+            }
+            prev = Some(k);
+        }
+        if !buf.is_empty() {
+            return Err(NotARun::Bad(DecodeError::Trailing(buf.len())));
+        }
+        Ok(Run { data, offsets })
+    }
+
+    pub fn len(&self) -> usize {
+        self.offsets.len()
+    }
+
+    /// The pair starting at `off`; `parse` checked its lengths.
+    fn pair_at(&self, off: u64) -> (&[u8], &[u8]) {
+        let mut buf = &self.data[off as usize..];
+        let k = super::map::get_bytes(&mut buf).expect("checked by parse");
+        let v = super::map::get_bytes(&mut buf).expect("checked by parse");
+        (k, v)
+    }
+
+    pub fn get(&self, key: &[u8]) -> Option<&[u8]> {
+        let i = self
+            .offsets
+            .binary_search_by(|&off| self.pair_at(off).0.cmp(key))
+            .ok()?;
+        Some(self.pair_at(self.offsets[i]).1)
+    }
+
+    pub fn contains(&self, key: &[u8]) -> bool {
+        self.get(key).is_some()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.offsets.iter().map(|&off| self.pair_at(off))
+    }
+}
+
+/// Builds a run from pairs given in ascending key order (as the snapshot writer produces
+/// them), so the map written into a snapshot becomes the next base.
+pub struct RunBuilder {
+    data: Vec<u8>,
+    offsets: Vec<u64>,
+}
+
+impl RunBuilder {
+    /// `encoded_len` bytes and `pairs` pairs are reserved up front: the builder then never
+    /// reallocates (which would briefly hold the run twice).
+    pub fn new(encoded_len: u64, pairs: usize) -> RunBuilder {
+        let mut data = Vec::with_capacity(encoded_len as usize);
+        data.extend_from_slice(&(pairs as u64).to_le_bytes());
+        RunBuilder {
+            data,
+            offsets: Vec::with_capacity(pairs),
+        }
+    }
+
+    /// The bytes just encoded for one pair (key length, key, value length, value).
+    pub fn push_encoded(&mut self, pair: &[u8]) {
+        self.offsets.push(self.data.len() as u64);
+        self.data.extend_from_slice(pair);
+    }
+
+    pub fn finish(self) -> Run {
+        Run {
+            data: self.data.into(),
+            offsets: self.offsets,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encoded(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
+        let mut buf = (pairs.len() as u64).to_le_bytes().to_vec();
+        for (k, v) in pairs {
+            super::super::map::put_bytes(&mut buf, k).unwrap();
+            super::super::map::put_bytes(&mut buf, v).unwrap();
+        }
+        buf
+    }
+
+    #[test]
+    fn parse_finds_every_key_and_only_those() {
+        let pairs: Vec<(Vec<u8>, Vec<u8>)> = (0..1000u32)
+            .map(|i| {
+                (
+                    format!("/k{i:05}").into_bytes(),
+                    vec![i as u8; (i % 7) as usize],
+                )
+            })
+            .collect();
+        let refs: Vec<(&[u8], &[u8])> = pairs.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+        let run = Run::parse(encoded(&refs).into()).unwrap();
+        assert_eq!(run.len(), 1000);
+        for (k, v) in &refs {
+            assert_eq!(run.get(k), Some(*v));
+        }
+        assert_eq!(run.get(b"/k"), None);
+        assert_eq!(run.get(b"/k00000x"), None);
+        assert_eq!(run.get(b"/z"), None);
+        assert!(run.iter().eq(refs.iter().copied()));
+    }
+
+    #[test]
+    fn damaged_or_unsorted_input_is_refused() {
+        let enc = encoded(&[(b"/a", b"1"), (b"/b", b"")]);
+        for cut in 0..enc.len() {
+            assert!(
+                matches!(Run::parse(enc[..cut].to_vec().into()), Err(NotARun::Bad(_))),
+                "prefix of {cut} bytes"
+            );
+        }
+        let mut padded = enc.clone();
+        padded.push(0);
+        assert_eq!(
+            Run::parse(padded.into()).unwrap_err(),
+            NotARun::Bad(DecodeError::Trailing(1))
+        );
+        let unsorted = encoded(&[(b"/b", b"1"), (b"/a", b"")]);
+        assert_eq!(Run::parse(unsorted.into()).unwrap_err(), NotARun::Unsorted);
+        let dup = encoded(&[(b"/a", b"1"), (b"/a", b"2")]);
+        assert_eq!(Run::parse(dup.into()).unwrap_err(), NotARun::Unsorted);
+        let mut huge = encoded(&[]);
+        huge[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(matches!(Run::parse(huge.into()), Err(NotARun::Bad(_))));
+    }
+
+    #[test]
+    fn builder_output_parses_to_the_same_run() {
+        let refs: [(&[u8], &[u8]); 3] = [(b"", b"e"), (b"/a", b"1"), (b"/b", b"")];
+        let enc = encoded(&refs);
+        let mut b = RunBuilder::new(enc.len() as u64, 3);
+        for (k, v) in refs {
+            let mut pair = Vec::new();
+            super::super::map::put_bytes(&mut pair, k).unwrap();
+            super::super::map::put_bytes(&mut pair, v).unwrap();
+            b.push_encoded(&pair);
+        }
+        let built = b.finish();
+        assert_eq!(&built.data[..], &enc[..]);
+        let parsed = Run::parse(enc.into()).unwrap();
+        assert_eq!(built.offsets, parsed.offsets);
+    }
+}
