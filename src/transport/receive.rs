@@ -141,21 +141,46 @@ async fn receive(State(st): State<PeerState>, req: Request) -> Response {
     if announced.is_some_and(|n| n > MAX_RAFT_BODY) {
         return too_large();
     }
-    let limit = usize::try_from(MAX_RAFT_BODY).unwrap_or(usize::MAX);
-    let body = match axum::body::to_bytes(req.into_body(), limit).await {
+    let started = Instant::now();
+    let body = match read_body(req.into_body(), announced).await {
         Ok(b) => b,
-        Err(e) => {
-            let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-            while let Some(c) = cause {
-                if c.is::<http_body_util::LengthLimitError>() {
-                    return too_large();
-                }
-                cause = c.source();
-            }
-            return (StatusCode::BAD_REQUEST, "cannot read the body\n").into_response();
+        Err(BodyError::TooLarge) => return too_large(),
+        Err(BodyError::Read) => {
+            return (StatusCode::BAD_REQUEST, "cannot read the body\n").into_response()
         }
     };
+    if body.len() >= LOG_BODY_ABOVE {
+        slog::info!(st.logger, "received raft batch"; "bytes" => body.len(),
+            "ms" => started.elapsed().as_millis() as u64);
+    }
     receive_batch(st, body).await.into_response()
+}
+
+/// Bodies this large (a snapshot) are logged with the time they took to arrive.
+const LOG_BODY_ABOVE: usize = 16 << 20;
+
+enum BodyError {
+    TooLarge,
+    Read,
+}
+
+/// The body in one buffer, sized up front from its Content-Length: collecting its chunks first
+/// and then joining them held a snapshot twice.
+async fn read_body(body: axum::body::Body, announced: Option<u64>) -> Result<Bytes, BodyError> {
+    use http_body_util::BodyExt;
+    // The announced length is only a hint for the allocation; what arrives is checked.
+    let mut buf = BytesMut::with_capacity(announced.unwrap_or(0) as usize);
+    let mut body = body;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| BodyError::Read)?;
+        if let Ok(chunk) = frame.into_data() {
+            if (buf.len() + chunk.len()) as u64 > MAX_RAFT_BODY {
+                return Err(BodyError::TooLarge);
+            }
+            buf.extend_from_slice(&chunk);
+        }
+    }
+    Ok(buf.freeze())
 }
 
 async fn receive_batch(st: PeerState, body: Bytes) -> (StatusCode, &'static str) {
