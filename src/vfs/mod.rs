@@ -14,6 +14,8 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 /// A file open for writing.
 pub trait VFile: Send + fmt::Debug {
     /// Writes all of `buf` at `offset`, extending the file if needed.
@@ -25,6 +27,9 @@ pub trait VFile: Send + fmt::Debug {
     fn sync_all(&mut self) -> io::Result<()>;
 }
 
+/// Files at least this large are mapped by [`Vfs::read_immutable`] rather than read.
+const MAP_ABOVE: u64 = 1 << 20;
+
 /// The calls the WAL and the snapshotter make on a file system.
 pub trait Vfs: Send + Sync + fmt::Debug {
     /// Creates `path` (or truncates it) for writing.
@@ -32,6 +37,11 @@ pub trait Vfs: Send + Sync + fmt::Debug {
     /// Opens an existing file for writing.
     fn open(&self, path: &Path) -> io::Result<Box<dyn VFile>>;
     fn read(&self, path: &Path) -> io::Result<Vec<u8>>;
+    /// The contents of a file that is never written again (a snapshot), shared rather than
+    /// copied where the file system allows.
+    fn read_immutable(&self, path: &Path) -> io::Result<Bytes> {
+        self.read(path).map(Bytes::from)
+    }
     /// Atomically replaces `to` with `from` (durable only after [`Vfs::sync_dir`]).
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
     fn remove(&self, path: &Path) -> io::Result<()>;
@@ -119,6 +129,19 @@ impl Vfs for Os {
     }
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
         fs::read(path)
+    }
+    fn read_immutable(&self, path: &Path) -> io::Result<Bytes> {
+        let file = fs::File::open(path)?;
+        if file.metadata()?.len() < MAP_ABOVE {
+            return fs::read(path).map(Bytes::from);
+        }
+        // Mapped, the file's pages come straight from the page cache: reading it instead
+        // copied it into fresh memory that the kernel first zeroed, half of a large restart's
+        // CPU. SAFETY: only snapshot files come here; they are written under a temporary
+        // name and renamed into place, then only ever deleted (which leaves a mapping
+        // valid), never written or truncated again.
+        let map = unsafe { memmap2::MmapOptions::new().populate().map(&file)? };
+        Ok(Bytes::from_owner(map))
     }
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         fs::rename(from, to)
