@@ -133,11 +133,28 @@ run_step() {
   if ((rc != 0)); then tail -5 "$STEPLOG" >&2; return "$rc"; fi
 }
 
+# retry TRIES CLEAN NAME LOG CMD...: run_step, again after CLEAN on failure. A client port above 32767 is in the
+# kernel's ephemeral range: some other process's outgoing connection can hold it for a moment ("address in use")
+retry() {
+  local tries=$1 clean=$2 name=$3 log=$4 n rc; shift 4
+  for n in $(seq 1 "$tries"); do
+    rc=0; run_step "$name" "$log" "$@" || rc=$?
+    ((rc == 0)) && return 0
+    ((n < tries)) || return "$rc"
+    mv "$log" "$log.try$n"; echo "bench.sh: $name failed (try $n, $log.try$n), again" >&2
+    $clean; sleep 2
+  done
+}
 fresh() { # system dir: a new 3-node cluster
-  ctl "$1" stop "$2" >/dev/null 2>&1 || true
-  rm -rf "$2"; mkdir -p "$2"; ACTIVE+=("$1 $2")
-  run_step "start a $1 cluster in $2" "$2/start.out" ctl "$1" start "$2"
+  ACTIVE+=("$1 $2")
+  FRESH_S=$1 FRESH_D=$2; fresh_clean
+  retry 3 fresh_clean "start a $1 cluster in $2" "$OUT/logs/start.${2##*/}.log" ctl "$1" start "$2"
   sleep 1
+}
+fresh_clean() {
+  ctl "$FRESH_S" stop "$FRESH_D" >/dev/null 2>&1 || true
+  if [[ -d $FRESH_D ]]; then mkdir -p "$FRESH_D.failed"; cp "$FRESH_D"/*.log "$FRESH_D.failed/" 2>/dev/null || true; fi
+  rm -rf "$FRESH_D"; mkdir -p "$FRESH_D"
 }
 leader_of() { STEP="find the leader of $1 in $2"; LEADER=$(ctl "$1" leader "$2"); }
 finish() { # system dir: stop the cluster, drop its data (node logs stay)
@@ -184,21 +201,37 @@ case_get() { # system get|follower
 }
 
 case_recovery() { # system case keys vsize: one recovery.sh rep -> a TAG line
-  local s=$1 c=$2 keys=$3 vsize=$4 d=$OUT/data/$2.$1.r$REP log line
+  local s=$1 c=$2 keys=$3 vsize=$4 d=$OUT/data/$2.$1.r$REP log line n rc
   if [[ $s == raft && $c == scale1.5m && ${GO_1_5M:-0} != 1 ]]; then
     echo "TAG system=$s case=$c kind=recovery rep=$REP nkeys=$keys vsize=$vsize skipped=disk" | tee -a "$RAW"
     return 0
   fi
   log=$OUT/logs/$c.recovery.$s.r$REP.log
-  rm -rf "$d"; REC_DIRS+=("$s $d")
-  run_step "recovery.sh $s, $keys keys of $vsize B, rep $REP (data in $d)" "$log" \
-    env REPS=1 KEYS="$keys" VSIZE="$vsize" CONNS=64 THREADS=2 FILL_MAX="$FILL_MAX" \
-    WAIT_S="$([[ $s == raft ]] && echo "$GO_WAIT_S" || echo "$WAIT_S")" \
-    RAFTEXAMPLE_GO_BIN="$GO_BIN" "$SHARED/recovery.sh" "$s" "$d"
+  rm -rf "$d"; REC_DIRS+=("$s $d"); REC_D=$d
+  # recovery.sh's node 4 listens on 42379/42380+PORT_OFFSET, in the ephemeral range: when a node's start failed
+  # on "address already in use", the rep is run again (the kernel's next outgoing ports differ)
+  for n in 1 2 3; do
+    rc=0
+    run_step "recovery.sh $s, $keys keys of $vsize B, rep $REP (data in $d)" "$log" \
+      env REPS=1 KEYS="$keys" VSIZE="$vsize" CONNS=64 THREADS=2 FILL_MAX="$FILL_MAX" \
+      WAIT_S="$([[ $s == raft ]] && echo "$GO_WAIT_S" || echo "$WAIT_S")" \
+      RAFTEXAMPLE_GO_BIN="$GO_BIN" "$SHARED/recovery.sh" "$s" "$d" || rc=$?
+    if ((rc == 0)) && ! grep -qsi 'address already in use' "$d"/r1/*.log; then break; fi
+    ((n < 3)) || { ((rc != 0)) && return "$rc"; break; }
+    mv "$log" "$log.try$n"
+    echo "bench.sh: recovery.sh $s $c try $n failed (exit $rc or a port in use; $log.try$n), again" >&2
+    rec_clean
+  done
   line=$(grep '^RUN rep=1 ' "$log")
   line=${line%% fill=\[*}; line=${line#RUN rep=1 system=$s }
   echo "TAG system=$s case=$c kind=recovery rep=$REP nkeys=$keys vsize=$vsize $line" | tee -a "$RAW"
   [[ ${KEEP_DATA:-0} == 1 ]] || find "$d" -mindepth 2 \( -name 'raftexample-*' -o -name '*.etcd' \) -prune -exec rm -rf {} +
+}
+
+rec_clean() { # recovery.sh stopped its cluster; keep the logs of the failed try
+  [[ -d $REC_D ]] || return 0
+  find "$REC_D" -mindepth 2 \( -name 'raftexample-*' -o -name '*.etcd' \) -prune -exec rm -rf {} +
+  mv "$REC_D" "$REC_D.failed.$(date +%s)"
 }
 
 run_case() { # case system

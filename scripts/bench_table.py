@@ -33,9 +33,10 @@ def value(run, field):
     if field == "hwm_max_mib":
         v = [num(x) for x in run.get("hwm_kb", "").split(",")]
         return max(v) / 1024 if v and None not in v else None
-    if field in ("join_rss_mib", "rss_mib"):
-        v = num(run.get(field.replace("_mib", "_kb")))
-        return v / 1024 if v else run.get(field.replace("_mib", "_kb"))
+    if field == "join_rss_mib":  # a node that never caught up (or died) has no meaningful peak
+        if num(run.get("join_caught_up_s")) is None:
+            return run.get("join_caught_up_s")
+        return num(run.get("join_rss_kb")) / 1024
     if field == "datadir_max_mb":
         v = [num(x) for x in run.get("datadir_kb", "").split(",")]
         return max(v) / 1000 if v and None not in v else None
