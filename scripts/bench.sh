@@ -62,12 +62,16 @@ stop_pidfile() { # pidfile: TERM, then KILL after 5 s
   fi
   rm -f "$1"
 }
+descendants() { local c; for c in $(ps -o pid= --ppid "$1" 2>/dev/null); do echo "$c"; descendants "$c"; done; }
 cleanup() {
   local rc=$? e r
   trap - EXIT ERR INT TERM
   if [[ -n $CHILD ]] && kill -0 "$CHILD" 2>/dev/null; then
+    # the step's process tree (wrk, a recovering node, ...), taken before its parents exit and it is re-parented
+    local tree; tree=$(descendants "$CHILD")
     kill -TERM "$CHILD" 2>/dev/null || true   # recovery.sh's own trap stops its cluster
-    for _ in $(seq 1 300); do kill -0 "$CHILD" 2>/dev/null || break; sleep 0.1; done
+    for _ in $(seq 1 100); do kill -0 "$CHILD" 2>/dev/null || break; sleep 0.1; done
+    for e in $tree; do kill -TERM "$e" 2>/dev/null || true; done
   fi
   for e in "${ACTIVE[@]}"; do ctl "${e%% *}" stop "${e#* }" >/dev/null 2>&1 || true; done
   for e in "${REC_DIRS[@]}"; do
