@@ -11,11 +11,18 @@ use crate::storage::RaftStorage;
 /// Ticks after which an unanswered ReadIndex round is issued again (the first may have been
 /// dropped by a leader change).
 const READ_RETRY_TICKS: u32 = 5;
+/// Rounds in flight at once. With one, a read arriving just after a round left waits for that
+/// round and then a whole one of its own: on a follower a round is two network round trips
+/// (to the leader, its heartbeats, back), so reads waited up to four. A second round leaves as
+/// soon as reads queue, so a read waits for one round plus the batching; more would cost the
+/// leader a heartbeat broadcast each for little gain.
+pub const MAX_INFLIGHT: usize = 2;
 
-/// Batches linearizable reads: one ReadIndex round is in flight at a time, and every read that
-/// arrives meanwhile waits for the next, which they all share (as etcd's read loop does); under
-/// load a round answers as many reads as there are clients, for one heartbeat exchange. Any
-/// read state for round `c` also answers rounds issued before it, since they started earlier.
+/// Batches linearizable reads: up to [`MAX_INFLIGHT`] ReadIndex rounds are in flight at a
+/// time, and the reads that arrive while that many are out wait for the next round, which they
+/// all share (etcd's read loop allows one); under load a round answers many reads for one
+/// heartbeat exchange. Any read state for round `c` also answers rounds issued before it, since
+/// they started earlier (an index the leader confirmed after a read arrived is good for it).
 ///
 /// A round's context is `node id | boot nonce | round number` (etcd's is alike): the leader
 /// keys pending requests by context and drops one whose context is already pending, so
@@ -66,7 +73,7 @@ impl ReadBatcher {
     }
 
     pub fn flush(&mut self, node: &mut RawNode<RaftStorage>) {
-        if self.queued.is_empty() || !self.inflight.is_empty() {
+        if self.queued.is_empty() || self.inflight.len() >= MAX_INFLIGHT {
             return;
         }
         let batch = std::mem::take(&mut self.queued);
