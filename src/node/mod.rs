@@ -204,6 +204,11 @@ impl Node {
             self.held.forwarded(m.take_entries());
             return;
         }
+        if m.get_msg_type() == MessageType::MsgReadIndex && self.is_leader() {
+            // Joins the leader's own next ReadIndex round (see `reads::ReadBatcher`).
+            self.reads.forward(m);
+            return;
+        }
         if let Err(e) = self.raft.step(m) {
             // StepPeerNotFound (a removed peer's response) and StepLocalMsg (a local-only type
             // sent over the wire) are expected noise, never fatal.

@@ -71,7 +71,8 @@ impl Node {
         }
 
         // 5. Read indexes answered by the leader.
-        self.reads.resolve(rd.take_read_states());
+        let answers = self.reads.resolve(rd.take_read_states(), &self.raft.raft);
+        self.send(answers);
 
         self.raft.advance_append_async(rd);
         if !to_writer && self.persist.persisted == self.persist.submitted {
