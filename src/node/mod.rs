@@ -14,6 +14,8 @@ pub mod learners;
 mod membership;
 mod peer_check;
 mod proposals;
+#[cfg(test)]
+mod read_tests;
 mod reads;
 mod ready;
 pub mod recover;
