@@ -14,6 +14,8 @@ pub mod learners;
 mod membership;
 mod peer_check;
 mod proposals;
+#[cfg(test)]
+mod read_tests;
 mod reads;
 mod ready;
 pub mod recover;
@@ -202,6 +204,11 @@ impl Node {
         if m.get_msg_type() == MessageType::MsgPropose && self.is_leader() {
             // Proposals a follower forwarded join the leader's own batch.
             self.held.forwarded(m.take_entries());
+            return;
+        }
+        if m.get_msg_type() == MessageType::MsgReadIndex && self.is_leader() {
+            // Joins the leader's own next ReadIndex round (see `reads::ReadBatcher`).
+            self.reads.forward(m);
             return;
         }
         if let Err(e) = self.raft.step(m) {

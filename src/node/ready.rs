@@ -46,18 +46,8 @@ impl Node {
         if let Some(hs) = &hs {
             store.set_hard_state(hs.clone());
         }
-        let mut messages = rd.take_persisted_messages();
         let nothing_to_persist = entries.is_empty() && hs.is_none() && !has_snapshot;
-        if nothing_to_persist
-            && messages
-                .iter()
-                .all(|m| m.get_msg_type() == MessageType::MsgHeartbeatResponse)
-        {
-            // A heartbeat response promises nothing about this node's log or vote, so it need
-            // not queue behind earlier writes: this keeps a ReadIndex round (heartbeat out,
-            // responses back) off the WAL writer.
-            self.send(std::mem::take(&mut messages));
-        }
+        let messages = self.send_unpromising(rd.take_persisted_messages(), nothing_to_persist);
         let number = rd.number();
         let to_writer = !nothing_to_persist || !messages.is_empty();
         if to_writer {
@@ -81,7 +71,8 @@ impl Node {
         }
 
         // 5. Read indexes answered by the leader.
-        self.reads.resolve(rd.take_read_states());
+        let answers = self.reads.resolve(rd.take_read_states(), &self.raft.raft);
+        self.send(answers);
 
         self.raft.advance_append_async(rd);
         if !to_writer && self.persist.persisted == self.persist.submitted {
@@ -93,6 +84,25 @@ impl Node {
             self.raft.advance_apply();
         }
         self.maybe_trigger_snapshot()
+    }
+
+    /// Sends at once the persisted messages that promise nothing about this node's log or
+    /// vote, and returns the rest, which wait for the writer. A follower's ReadIndex request
+    /// never does; a heartbeat response does not either, but it carries the Ready's term, so
+    /// it goes first only from a Ready with nothing to persist. This keeps a ReadIndex round
+    /// (request to the leader, heartbeats out, responses back) off the WAL writer thread: a
+    /// follower's reads would otherwise pay two thread hand-offs per round.
+    fn send_unpromising(
+        &mut self,
+        messages: Vec<Message>,
+        nothing_to_persist: bool,
+    ) -> Vec<Message> {
+        let (now, later): (Vec<_>, Vec<_>) = messages.into_iter().partition(|m| {
+            m.get_msg_type() == MessageType::MsgReadIndex
+                || (nothing_to_persist && m.get_msg_type() == MessageType::MsgHeartbeatResponse)
+        });
+        self.send(now);
+        later
     }
 
     /// Installs a snapshot received from the leader: raft storage, membership, then the map

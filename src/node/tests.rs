@@ -58,7 +58,7 @@ fn pump(nodes: &mut BTreeMap<u64, (RawNode<RaftStorage>, ReadBatcher)>) -> Vec<(
             msgs.extend(rd.take_persisted_messages());
             let states = rd.take_read_states();
             seen.extend(states.iter().map(|s| (*id, s.clone())));
-            b.resolve(states);
+            b.resolve(states, &n.raft);
             let mut light = n.advance(rd);
             msgs.extend(light.take_messages());
             if let Some(c) = light.commit_index() {
@@ -135,7 +135,8 @@ fn answers_for_a_previous_boot_are_ignored() {
     // delivered late.
     nodes.get_mut(&2).unwrap().1 = batcher(2, 2);
     let mut fresh = read_on(&mut nodes, 2);
-    nodes.get_mut(&2).unwrap().1.resolve(old);
+    let n2 = nodes.get_mut(&2).unwrap();
+    n2.1.resolve(old, &n2.0.raft);
     assert!(
         fresh.try_recv().is_err(),
         "a read of this boot took an answer meant for the previous one"
