@@ -29,7 +29,6 @@ pub struct Map {
     pub(super) frozen: Option<(u64, Layer)>,
     /// Writes since.
     pub(super) top: Layer,
-    len: usize,
 }
 
 /// Writes above the base. A B-tree rather than imbl's HAMT: measured with the benchmark's
@@ -88,17 +87,7 @@ impl Map {
 
     pub fn insert_pair(&mut self, pair: Pair) {
         // Replaces the stored pair, key included.
-        let replaced = self.top.insert(pair.clone(), ()).is_some();
-        if !replaced && !self.below_top(pair.key()) {
-            self.len += 1;
-        }
-    }
-
-    fn below_top(&self, key: &[u8]) -> bool {
-        self.frozen
-            .as_ref()
-            .is_some_and(|(_, f)| f.contains_key(key))
-            || self.base.contains(key)
+        self.top.insert(pair, ());
     }
 
     pub fn get(&self, key: &[u8]) -> Option<&[u8]> {
@@ -111,12 +100,19 @@ impl Map {
         self.base.get(key)
     }
 
+    /// The number of keys. O(n) once there are writes above the base: keeping a count would
+    /// cost every insert a lookup in each layer below (in a large base, cache misses that made
+    /// up most of replaying the log at a restart), and only a snapshot or a backup, which
+    /// pass over every pair anyway, needs it.
     pub fn len(&self) -> usize {
-        self.len
+        if self.top.is_empty() && self.frozen.is_none() {
+            return self.base.len();
+        }
+        self.iter().count()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.iter().next().is_none()
     }
 
     /// Every pair, in key order.
@@ -160,7 +156,6 @@ impl Map {
     pub fn from_encoded(data: Bytes) -> Result<Map, DecodeError> {
         match Run::parse(data.clone()) {
             Ok(run) => Ok(Map {
-                len: run.len(),
                 base: Arc::new(run),
                 ..Map::default()
             }),

@@ -74,10 +74,6 @@ impl Run {
         Some(self.pair_at(self.offsets[i]).1)
     }
 
-    pub fn contains(&self, key: &[u8]) -> bool {
-        self.get(key).is_some()
-    }
-
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         self.offsets.iter().map(|&off| self.pair_at(off))
     }
