@@ -192,7 +192,7 @@ impl Snapshotter {
             }
             let bytes = self
                 .disk
-                .read_immutable(&path)
+                .read_shared(&path)
                 .map_err(|e| Error::io(&path, e))?;
             match decode(&bytes, term, index) {
                 Ok(snap) => {
@@ -429,7 +429,7 @@ impl<W: Write> Write for CrcWriter<W> {
 
 /// Reads the snapshot file at `path`, named after `(term, index)`, and checks it.
 pub fn read(disk: &Disk, path: &Path, term: u64, index: u64) -> Result<Snapshot, Error> {
-    let bytes = disk.read_immutable(path).map_err(|e| Error::io(path, e))?;
+    let bytes = disk.read_shared(path).map_err(|e| Error::io(path, e))?;
     decode(&bytes, term, index).map_err(|reason| Error::Corrupt {
         path: path.to_path_buf(),
         reason,

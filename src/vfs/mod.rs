@@ -27,7 +27,7 @@ pub trait VFile: Send + fmt::Debug {
     fn sync_all(&mut self) -> io::Result<()>;
 }
 
-/// Files at least this large are mapped by [`Vfs::read_immutable`] rather than read.
+/// Files at least this large are mapped by [`Vfs::read_shared`] rather than read.
 const MAP_ABOVE: u64 = 1 << 20;
 
 /// The calls the WAL and the snapshotter make on a file system.
@@ -37,9 +37,11 @@ pub trait Vfs: Send + Sync + fmt::Debug {
     /// Opens an existing file for writing.
     fn open(&self, path: &Path) -> io::Result<Box<dyn VFile>>;
     fn read(&self, path: &Path) -> io::Result<Vec<u8>>;
-    /// The contents of a file that is never written again (a snapshot), shared rather than
-    /// copied where the file system allows.
-    fn read_immutable(&self, path: &Path) -> io::Result<Bytes> {
+    /// The contents of a file, shared rather than copied where the file system allows (mapped).
+    /// The caller must never keep bytes that are later changed or cut off: a snapshot is never
+    /// written again once renamed into place; a WAL segment is only appended to after its last
+    /// record, or cut after it (a torn tail), and only its records are kept.
+    fn read_shared(&self, path: &Path) -> io::Result<Bytes> {
         self.read(path).map(Bytes::from)
     }
     /// Atomically replaces `to` with `from` (durable only after [`Vfs::sync_dir`]).
@@ -130,16 +132,15 @@ impl Vfs for Os {
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
         fs::read(path)
     }
-    fn read_immutable(&self, path: &Path) -> io::Result<Bytes> {
+    fn read_shared(&self, path: &Path) -> io::Result<Bytes> {
         let file = fs::File::open(path)?;
         if file.metadata()?.len() < MAP_ABOVE {
             return fs::read(path).map(Bytes::from);
         }
         // Mapped, the file's pages come straight from the page cache: reading it instead
         // copied it into fresh memory that the kernel first zeroed, half of a large restart's
-        // CPU. SAFETY: only snapshot files come here; they are written under a temporary
-        // name and renamed into place, then only ever deleted (which leaves a mapping
-        // valid), never written or truncated again.
+        // CPU. SAFETY: per the contract above, no byte the caller keeps is written or cut off
+        // later; deleting the file leaves the mapping valid.
         let map = unsafe { memmap2::MmapOptions::new().populate().map(&file)? };
         Ok(Bytes::from_owner(map))
     }

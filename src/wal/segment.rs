@@ -205,7 +205,7 @@ pub(super) fn read(
     prev_crc: Option<u32>,
     is_last: bool,
 ) -> Result<Scanned, Error> {
-    let buf = Bytes::from(disk.read(path).map_err(|e| Error::io(path, e))?);
+    let buf = disk.read_shared(path).map_err(|e| Error::io(path, e))?;
     let corrupt = |offset: u64, reason: String| Error::Corrupt {
         path: path.to_path_buf(),
         offset,
