@@ -22,8 +22,8 @@ use map::{get_bytes, get_u64, put_bytes, put_u64};
 use run::RunBuilder;
 
 /// The replicated command: a PUT tagged with an id unique to the proposing node's run, so that
-/// only the node that proposed it wakes its client. It borrows its key and value, so applying
-/// an entry copies them once, into the map.
+/// only the node that proposed it wakes its client. It borrows its key and value; applying
+/// an entry copies nothing (the map keeps slices of the entry, see [`Pair`]).
 #[derive(Debug, PartialEq)]
 pub struct Put<'a> {
     pub id: u64,

@@ -16,7 +16,60 @@ use super::map::DecodeError;
 pub struct Run {
     data: Bytes,
     /// Where each pair's key length starts in `data`.
-    offsets: Vec<u64>,
+    offsets: Offsets,
+}
+
+/// Pair offsets, 4 bytes each while the run is under 4 GiB (every run but the largest): at
+/// 1.5 million small pairs that is 6 MB less for each member to hold.
+#[derive(Clone, Debug)]
+enum Offsets {
+    Narrow(Vec<u32>),
+    Wide(Vec<u64>),
+}
+
+impl Default for Offsets {
+    fn default() -> Self {
+        Offsets::Narrow(Vec::new())
+    }
+}
+
+impl Offsets {
+    fn for_run(data_len: u64, pairs: usize) -> Offsets {
+        if data_len <= u64::from(u32::MAX) {
+            Offsets::Narrow(Vec::with_capacity(pairs))
+        } else {
+            Offsets::Wide(Vec::with_capacity(pairs))
+        }
+    }
+
+    /// `off` fits: [`Self::for_run`] chose the width from the run's size.
+    fn push(&mut self, off: u64) {
+        match self {
+            Offsets::Narrow(v) => v.push(u32::try_from(off).expect("run under 4 GiB")),
+            Offsets::Wide(v) => v.push(off),
+        }
+    }
+
+    fn get(&self, i: usize) -> u64 {
+        match self {
+            Offsets::Narrow(v) => u64::from(v[i]),
+            Offsets::Wide(v) => v[i],
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Offsets::Narrow(v) => v.len(),
+            Offsets::Wide(v) => v.len(),
+        }
+    }
+}
+
+#[cfg(test)]
+impl PartialEq for Offsets {
+    fn eq(&self, other: &Offsets) -> bool {
+        self.len() == other.len() && (0..self.len()).all(|i| self.get(i) == other.get(i))
+    }
 }
 
 /// Why an encoded map is not a run.
@@ -35,7 +88,8 @@ impl Run {
         let mut buf = &data[..];
         let n = super::map::get_u64(&mut buf).map_err(NotARun::Bad)?;
         // Each pair takes at least 16 bytes, so a corrupt count cannot ask for gigabytes.
-        let mut offsets = Vec::with_capacity(n.min(buf.len() as u64 / 16) as usize);
+        let mut offsets =
+            Offsets::for_run(data.len() as u64, n.min(buf.len() as u64 / 16) as usize);
         let mut prev: Option<&[u8]> = None;
         for _ in 0..n {
             offsets.push((data.len() - buf.len()) as u64);
@@ -67,15 +121,21 @@ impl Run {
     }
 
     pub fn get(&self, key: &[u8]) -> Option<&[u8]> {
-        let i = self
-            .offsets
-            .binary_search_by(|&off| self.pair_at(off).0.cmp(key))
-            .ok()?;
-        Some(self.pair_at(self.offsets[i]).1)
+        let (mut lo, mut hi) = (0, self.offsets.len());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let (k, v) = self.pair_at(self.offsets.get(mid));
+            match k.cmp(key) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => return Some(v),
+            }
+        }
+        None
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.offsets.iter().map(|&off| self.pair_at(off))
+        (0..self.offsets.len()).map(|i| self.pair_at(self.offsets.get(i)))
     }
 }
 
@@ -83,7 +143,7 @@ impl Run {
 /// them), so the map written into a snapshot becomes the next base.
 pub struct RunBuilder {
     data: Vec<u8>,
-    offsets: Vec<u64>,
+    offsets: Offsets,
 }
 
 impl RunBuilder {
@@ -94,7 +154,7 @@ impl RunBuilder {
         data.extend_from_slice(&(pairs as u64).to_le_bytes());
         RunBuilder {
             data,
-            offsets: Vec::with_capacity(pairs),
+            offsets: Offsets::for_run(encoded_len, pairs),
         }
     }
 
@@ -145,6 +205,26 @@ mod tests {
         assert_eq!(run.get(b"/k00000x"), None);
         assert_eq!(run.get(b"/z"), None);
         assert!(run.iter().eq(refs.iter().copied()));
+    }
+
+    /// A run of 4 GiB or more keeps 8-byte offsets, and reads the same.
+    #[test]
+    fn wide_offsets_read_the_same() {
+        let refs: [(&[u8], &[u8]); 3] = [(b"/a", b"1"), (b"/b", b""), (b"/c", b"3")];
+        let narrow = Run::parse(encoded(&refs).into()).unwrap();
+        assert!(matches!(narrow.offsets, Offsets::Narrow(_)));
+        assert!(matches!(Offsets::for_run(1 << 32, 0), Offsets::Wide(_)));
+        let mut wide = Offsets::for_run(1 << 32, 3);
+        for i in 0..3 {
+            wide.push(narrow.offsets.get(i));
+        }
+        let run = Run {
+            data: narrow.data.clone(),
+            offsets: wide,
+        };
+        assert!(run.iter().eq(refs.iter().copied()));
+        assert_eq!(run.get(b"/b"), Some(&b""[..]));
+        assert_eq!(run.get(b"/d"), None);
     }
 
     #[test]
