@@ -156,6 +156,9 @@ async fn receive(State(st): State<PeerState>, req: Request) -> Response {
     receive_batch(st, body).await.into_response()
 }
 
+/// The most a body's Content-Length reserves before any of it has arrived.
+const PREALLOCATE_AT_MOST: u64 = 1 << 30;
+
 /// Bodies this large (a snapshot) are logged with the time they took to arrive.
 const LOG_BODY_ABOVE: usize = 16 << 20;
 
@@ -168,8 +171,10 @@ enum BodyError {
 /// and then joining them held a snapshot twice.
 async fn read_body(body: axum::body::Body, announced: Option<u64>) -> Result<Bytes, BodyError> {
     use http_body_util::BodyExt;
-    // The announced length is only a hint for the allocation; what arrives is checked.
-    let mut buf = BytesMut::with_capacity(announced.unwrap_or(0) as usize);
+    // The announced length is only a hint for the allocation (capped: a peer announcing 4 GiB
+    // and sending nothing should not get 4 GiB reserved); what arrives is checked.
+    let hint = announced.unwrap_or(0).min(PREALLOCATE_AT_MOST);
+    let mut buf = BytesMut::with_capacity(hint as usize);
     let mut body = body;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|_| BodyError::Read)?;
