@@ -242,16 +242,25 @@ pub(super) const WRITE_CHUNK: usize = 64 << 10;
 pub struct Captured(pub Map);
 
 impl Captured {
-    /// Writes the map to `w`, and if `run` is given, the same bytes into it.
+    /// `(encoded length, pairs)`, in one pass over the layers and the base.
+    pub fn sizes(&self) -> (u64, usize) {
+        self.0.iter().fold((8, 0), |(len, n), (k, v)| {
+            (len + 16 + k.len() as u64 + v.len() as u64, n + 1)
+        })
+    }
+
+    /// Writes the map's `pairs` pairs (see [`Self::sizes`]) to `w`, and if `run` is given, the
+    /// same bytes into it.
     pub fn write_with(
         &self,
         w: &mut dyn Write,
+        pairs: usize,
         mut run: Option<&mut RunBuilder>,
     ) -> io::Result<()> {
         // Pairs are gathered into chunks first: four small writes per pair through the
         // snapshot's CRC-counting writer cost more than the copying.
         let mut chunk = Vec::with_capacity(2 * WRITE_CHUNK);
-        put_u64(&mut chunk, self.0.len() as u64)?;
+        put_u64(&mut chunk, pairs as u64)?;
         for (k, v) in self.0.iter() {
             let at = chunk.len();
             put_bytes(&mut chunk, k)?;
@@ -270,15 +279,11 @@ impl Captured {
 
 impl SnapshotSource for Captured {
     fn encoded_len(&self) -> u64 {
-        8 + self
-            .0
-            .iter()
-            .map(|(k, v)| 16 + k.len() as u64 + v.len() as u64)
-            .sum::<u64>()
+        self.sizes().0
     }
 
     fn write_to(&self, w: &mut dyn Write) -> io::Result<()> {
-        self.write_with(w, None)
+        self.write_with(w, self.0.len(), None)
     }
 }
 

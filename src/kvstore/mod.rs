@@ -210,6 +210,7 @@ impl KvStore {
             map: Captured(map.clone()),
             freeze,
             store: Arc::downgrade(self),
+            sizes: std::sync::OnceLock::new(),
         }
     }
 
@@ -368,16 +369,26 @@ pub struct ForSnapshot {
     map: Captured,
     freeze: u64,
     store: std::sync::Weak<KvStore>,
+    /// [`Captured::sizes`], computed once: with layers above the base it is a pass over every
+    /// pair, which the length, the run builder and the count in the file all need.
+    sizes: std::sync::OnceLock<(u64, usize)>,
+}
+
+impl ForSnapshot {
+    fn sizes(&self) -> (u64, usize) {
+        *self.sizes.get_or_init(|| self.map.sizes())
+    }
 }
 
 impl crate::channels::SnapshotSource for ForSnapshot {
     fn encoded_len(&self) -> u64 {
-        self.map.encoded_len()
+        self.sizes().0
     }
 
     fn write_to(&self, w: &mut dyn std::io::Write) -> std::io::Result<()> {
-        let mut run = RunBuilder::new(self.encoded_len(), self.map.0.len());
-        self.map.write_with(w, Some(&mut run))?;
+        let (len, pairs) = self.sizes();
+        let mut run = RunBuilder::new(len, pairs);
+        self.map.write_with(w, pairs, Some(&mut run))?;
         if let Some(store) = self.store.upgrade() {
             let mut map = store.map.write().expect("map lock");
             // The same pairs in another form: no durability is involved, so this need not
