@@ -44,7 +44,7 @@ static FREEZES: AtomicU64 = AtomicU64::new(1);
 /// Equal keys with equal values.
 impl PartialEq for Map {
     fn eq(&self, other: &Map) -> bool {
-        self.len() == other.len() && self.iter().eq(other.iter())
+        self.iter().eq(other.iter())
     }
 }
 
@@ -141,14 +141,12 @@ impl Map {
     }
 
     /// Makes `base`, built from the base and frozen layer of capture `n`, the base, unless the
-    /// map changed under that capture. Returns whether it did.
-    pub fn rebase(&mut self, n: u64, base: Run) -> bool {
-        if !self.frozen.as_ref().is_some_and(|(f, _)| *f == n) {
-            return false;
+    /// map changed under that capture.
+    pub fn rebase(&mut self, n: u64, base: Run) {
+        if self.frozen.as_ref().is_some_and(|(f, _)| *f == n) {
+            self.base = Arc::new(base);
+            self.frozen = None;
         }
-        self.base = Arc::new(base);
-        self.frozen = None;
-        true
     }
 
     /// The map a snapshot encoded; its pairs are not copied when it is a [`Run`], as every

@@ -77,7 +77,7 @@ impl PartialEq for Offsets {
 pub enum NotARun {
     /// Damaged: the map cannot be decoded at all.
     Bad(DecodeError),
-    /// Well-formed, but its keys are not in ascending order (a map serialised by bincode from
+    /// Well-formed up to the first key out of ascending order (a map serialised by bincode from
     /// a hash map, as the first versions wrote): it must be sorted into a layer instead.
     Unsorted,
 }
@@ -96,8 +96,7 @@ impl Run {
             let k = super::map::get_bytes(&mut buf).map_err(NotARun::Bad)?;
             super::map::get_bytes(&mut buf).map_err(NotARun::Bad)?;
             if prev.is_some_and(|p| p >= k) {
-                // Still decode the rest: a damaged map is an error, not a sort.
-                while super::map::get_bytes(&mut buf).is_ok() {}
+                // The caller decodes it the slow way, which also finds any damage further on.
                 return Err(NotARun::Unsorted);
             }
             prev = Some(k);
