@@ -52,6 +52,9 @@ pub struct TmpSnapshot {
     path: PathBuf,
     index: u64,
     bytes: u64,
+    /// Where the snapshot's data starts in the file, and its length.
+    data_at: u64,
+    data_len: u64,
 }
 
 /// What [`Snapshotter::purge`] did.
@@ -159,7 +162,26 @@ impl Snapshotter {
             path,
             index: meta.index,
             bytes: 4 + head.len() as u64 + data_len + tail.len() as u64,
+            data_at: 4 + head.len() as u64,
+            data_len,
         })
+    }
+
+    /// The snapshot's data as its written file holds it, mapped and not read (see
+    /// [`crate::vfs::Vfs::map_unread`]).
+    pub fn map_data(&self, t: &TmpSnapshot) -> Result<Bytes, Error> {
+        let file = self
+            .disk
+            .map_unread(&t.tmp)
+            .map_err(|e| Error::io(&t.tmp, e))?;
+        let range = t.data_at as usize..(t.data_at + t.data_len) as usize;
+        if file.len() < range.end {
+            return Err(Error::Corrupt {
+                path: t.tmp.clone(),
+                reason: format!("{} bytes, shorter than it was written", file.len()),
+            });
+        }
+        Ok(file.slice(range))
     }
 
     /// The second half of [`Self::save_with`]: the rename that makes the file a snapshot,

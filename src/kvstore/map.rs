@@ -20,8 +20,8 @@ use crate::channels::SnapshotSource;
 /// elsewhere. It serialises in key order, as the `std` map raftexample used would.
 ///
 /// A snapshot [`Map::freeze`]s the writes it covers; the snapshot writer merges them with the
-/// base into the snapshot file and, in the same pass, into a new run, which
-/// [`Map::rebase`] then makes the base. Between the two, reads look in three places.
+/// base into the snapshot file, noting where each pair lands, and [`Map::rebase`] then makes
+/// the file, mapped, the base. Between the two, reads look in three places.
 #[derive(Clone, Debug, Default)]
 pub struct Map {
     pub(super) base: Arc<Run>,
@@ -247,8 +247,8 @@ impl Captured {
         })
     }
 
-    /// Writes the map's `pairs` pairs (see [`Self::sizes`]) to `w`, and if `run` is given, the
-    /// same bytes into it.
+    /// Writes the map's `pairs` pairs (see [`Self::sizes`]) to `w`, and if `run` is given,
+    /// notes where each starts.
     pub fn write_with(
         &self,
         w: &mut dyn Write,
@@ -264,7 +264,7 @@ impl Captured {
             put_bytes(&mut chunk, k)?;
             put_bytes(&mut chunk, v)?;
             if let Some(run) = run.as_deref_mut() {
-                run.push_encoded(&chunk[at..]);
+                run.push(chunk.len() - at);
             }
             if chunk.len() >= WRITE_CHUNK {
                 w.write_all(&chunk)?;

@@ -211,6 +211,7 @@ impl KvStore {
             freeze,
             store: Arc::downgrade(self),
             sizes: std::sync::OnceLock::new(),
+            run: Mutex::new(None),
         }
     }
 
@@ -362,9 +363,9 @@ impl KvStore {
     }
 }
 
-/// A map frozen for a snapshot ([`KvStore::capture_for_snapshot`]). Writing it also builds
-/// the run of the same pairs and hands it to the store as the map's new base, which drops the
-/// old base and the frozen layer.
+/// A map frozen for a snapshot ([`KvStore::capture_for_snapshot`]). Writing it also notes
+/// where each pair starts, so that once the file is written its bytes become the map's new
+/// base, which drops the old base and the frozen layer.
 pub struct ForSnapshot {
     map: Captured,
     freeze: u64,
@@ -372,6 +373,8 @@ pub struct ForSnapshot {
     /// [`Captured::sizes`], computed once: with layers above the base it is a pass over every
     /// pair, which the length, the run builder and the count in the file all need.
     sizes: std::sync::OnceLock<(u64, usize)>,
+    /// Where the pairs start in what [`SnapshotSource::write_to`] wrote.
+    run: Mutex<Option<RunBuilder>>,
 }
 
 impl ForSnapshot {
@@ -389,13 +392,24 @@ impl crate::channels::SnapshotSource for ForSnapshot {
         let (len, pairs) = self.sizes();
         let mut run = RunBuilder::new(len, pairs);
         self.map.write_with(w, pairs, Some(&mut run))?;
-        if let Some(store) = self.store.upgrade() {
-            let mut map = store.map.write().expect("map lock");
-            // The same pairs in another form: no durability is involved, so this need not
-            // wait for the file to be renamed into place.
-            map.rebase(self.freeze, run.finish());
-        }
+        *self.run.lock().expect("run lock") = Some(run);
         Ok(())
+    }
+
+    fn written(&self, bytes: bytes::Bytes) {
+        let run = self.run.lock().expect("run lock").take();
+        let (Some(store), Some(run)) = (self.store.upgrade(), run.and_then(|r| r.finish(bytes)))
+        else {
+            // Left as it is, the map reads the same; the next snapshot merges the layer.
+            return;
+        };
+        // The same pairs in another form: no durability is involved, so this need not wait for
+        // the file to be renamed into place (the mapping outlives the rename and any purge).
+        store
+            .map
+            .write()
+            .expect("map lock")
+            .rebase(self.freeze, run);
     }
 }
 
@@ -403,6 +417,7 @@ impl crate::channels::SnapshotSource for ForSnapshot {
 mod tests {
     use super::*;
     use crate::channels::SnapshotSource;
+    use bytes::Bytes;
     use map::WRITE_CHUNK;
 
     fn store() -> (Arc<KvStore>, mpsc::Receiver<Proposal>) {
@@ -469,6 +484,14 @@ mod tests {
         snap.write_to(&mut file).unwrap();
         assert_eq!(file.len() as u64, snap.encoded_len());
         let want: Vec<(&[u8], &[u8])> = vec![(b"/a", b"1"), (b"/b", b"2"), (b"/c", b"2")];
+        // Bytes that are not what was written leave the map as it is; the next snapshot merges
+        // the frozen layer too.
+        snap.written(Bytes::from(file[..file.len() - 1].to_vec()));
+        assert!(kv.map.read().unwrap().frozen.is_some(), "not rebased");
+        assert!(kv.map.read().unwrap().iter().eq(want.iter().copied()));
+        let again = kv.capture_for_snapshot();
+        again.write_to(&mut file).unwrap();
+        again.written(Bytes::from(file.split_off(snap.encoded_len() as usize)));
         {
             let map = kv.map.read().unwrap();
             assert!(map.frozen.is_none(), "rebased");
@@ -493,13 +516,56 @@ mod tests {
             data: encode(&kv.capture()).into(),
         });
         let before = kv.capture();
-        next.write_to(&mut Vec::new()).unwrap();
+        let mut file = Vec::new();
+        next.write_to(&mut file).unwrap();
+        next.written(file.into());
         let map = kv.map.read().unwrap();
         assert!(map.frozen.is_none() && map.top.is_empty());
         assert_eq!(*map, before);
         assert_eq!(map.get(b"/a"), Some(&b"4"[..]));
         assert_eq!(map.get(b"/d"), Some(&b"3"[..]));
         assert_eq!(map.len(), 4);
+    }
+
+    /// A snapshot written to its file makes the file the map's base, mapped in place: it
+    /// reads the same, and still does once the file is purged (the mapping outlives it).
+    #[test]
+    fn written_snapshot_file_becomes_the_base() {
+        use crate::node::snapshot::SnapshotTask;
+        let dir = tempfile::tempdir().unwrap();
+        let log = slog::Logger::root(slog::Discard, slog::o!());
+        let snapshotter =
+            crate::snap::Snapshotter::new(&crate::vfs::Disk::default(), dir.path(), &log).unwrap();
+        let (kv, _rx) = store();
+        // Over a MiB, so the file is mapped rather than read.
+        let big = vec![7u8; 600 << 10];
+        for k in ["/a", "/b", "/c"] {
+            kv.map.write().unwrap().insert(k.as_bytes(), &big);
+        }
+        let before = kv.capture();
+        let meta = raft::prelude::SnapshotMetadata {
+            index: 5,
+            term: 1,
+            ..Default::default()
+        };
+        let task = SnapshotTask {
+            meta,
+            members: [(1, "http://127.0.0.1:1".to_string())].into(),
+            removed: Default::default(),
+            kept: Default::default(),
+            wait: None,
+        };
+        let written = task
+            .write(&snapshotter, &kv.capture_for_snapshot())
+            .unwrap();
+        {
+            let map = kv.map.read().unwrap();
+            assert!(map.frozen.is_none() && map.top.is_empty(), "rebased");
+            assert_eq!(map.base.len(), 3);
+        }
+        std::fs::remove_file(&written.path).unwrap();
+        assert_eq!(kv.capture(), before);
+        assert_eq!(kv.map.read().unwrap().get(b"/b"), Some(&big[..]));
     }
 
     /// The hand-written codecs keep bincode 1.3's layout (so files written before them still

@@ -133,6 +133,12 @@ impl SnapshotTask {
             source.write_to(w)?;
             w.write_all(&trailer)
         })?;
+        // The state may now use the durable file in place of its own copy. If the file cannot
+        // be mapped, it keeps its own: that costs memory, not correctness.
+        if let Ok(data) = snapshotter.map_data(&tmp) {
+            let at = header.len();
+            source.written(data.slice(at..at + kv_len as usize));
+        }
         Ok(Begun {
             meta: self.meta,
             tmp,

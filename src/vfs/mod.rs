@@ -44,6 +44,11 @@ pub trait Vfs: Send + Sync + fmt::Debug {
     fn read_shared(&self, path: &Path) -> io::Result<Bytes> {
         self.read(path).map(Bytes::from)
     }
+    /// [`Vfs::read_shared`] for a file just written whose pages the caller does not read now:
+    /// where it is mapped, a page comes into memory only when read.
+    fn map_unread(&self, path: &Path) -> io::Result<Bytes> {
+        self.read_shared(path)
+    }
     /// Atomically replaces `to` with `from` (durable only after [`Vfs::sync_dir`]).
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
     fn remove(&self, path: &Path) -> io::Result<()>;
@@ -142,6 +147,15 @@ impl Vfs for Os {
         // CPU. SAFETY: per the contract above, no byte the caller keeps is written or cut off
         // later; deleting the file leaves the mapping valid.
         let map = unsafe { memmap2::MmapOptions::new().populate().map(&file)? };
+        Ok(Bytes::from_owner(map))
+    }
+    fn map_unread(&self, path: &Path) -> io::Result<Bytes> {
+        let file = fs::File::open(path)?;
+        if file.metadata()?.len() < MAP_ABOVE {
+            return fs::read(path).map(Bytes::from);
+        }
+        // SAFETY: as for `read_shared`.
+        let map = unsafe { memmap2::Mmap::map(&file)? };
         Ok(Bytes::from_owner(map))
     }
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
