@@ -131,7 +131,7 @@ pub trait SnapshotSource: Send {
     fn encoded_len(&self) -> u64;
     fn write_to(&self, w: &mut dyn std::io::Write) -> std::io::Result<()>;
     /// What `write_to` wrote, as the snapshot file now durably holds it (mapped, and not read:
-    /// its pages come from disk or the page cache when used). The state may keep it in place
-    /// of its own copy.
-    fn written(&self, _bytes: bytes::Bytes) {}
+    /// its pages come from disk or the page cache when used), with the mapping if it is one.
+    /// The state may keep it in place of its own copy.
+    fn written(&self, _bytes: bytes::Bytes, _pages: Option<crate::vfs::Pages>) {}
 }

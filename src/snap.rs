@@ -16,7 +16,7 @@ use protobuf::Message;
 use raft::prelude::{Snapshot, SnapshotMetadata};
 use slog::{info, o, warn, Logger};
 
-use crate::vfs::{Appender, Disk};
+use crate::vfs::{Appender, Disk, Pages};
 
 const EXT: &str = ".snap";
 const TMP_EXT: &str = ".snap.tmp";
@@ -169,8 +169,8 @@ impl Snapshotter {
 
     /// The snapshot's data as its written file holds it, mapped and not read (see
     /// [`crate::vfs::Vfs::map_unread`]).
-    pub fn map_data(&self, t: &TmpSnapshot) -> Result<Bytes, Error> {
-        let file = self
+    pub fn map_data(&self, t: &TmpSnapshot) -> Result<(Bytes, Option<Pages>), Error> {
+        let (file, pages) = self
             .disk
             .map_unread(&t.tmp)
             .map_err(|e| Error::io(&t.tmp, e))?;
@@ -181,7 +181,7 @@ impl Snapshotter {
                 reason: format!("{} bytes, shorter than it was written", file.len()),
             });
         }
-        Ok(file.slice(range))
+        Ok((file.slice(range), pages))
     }
 
     /// The second half of [`Self::save_with`]: the rename that makes the file a snapshot,

@@ -121,6 +121,14 @@ impl Map {
         merge(layer_iter(&self.top), merge(frozen, self.base.iter()))
     }
 
+    /// [`Self::iter`] for one pass over the whole map (a snapshot, a backup): the pages of a
+    /// mapped base that the pass has left behind are let go (see [`Run::passed`]).
+    pub fn pass(&self) -> impl Iterator<Item = KV<'_>> {
+        let mut behind = 0;
+        self.iter()
+            .inspect(move |&(_, v)| self.base.passed(v, &mut behind))
+    }
+
     /// Starts a snapshot: the writes so far join the frozen layer, and later ones go to a new
     /// top. Returns the capture's number for [`Map::rebase`].
     pub fn freeze(&mut self) -> u64 {
@@ -242,7 +250,7 @@ pub struct Captured(pub Map);
 impl Captured {
     /// `(encoded length, pairs)`, in one pass over the layers and the base.
     pub fn sizes(&self) -> (u64, usize) {
-        self.0.iter().fold((8, 0), |(len, n), (k, v)| {
+        self.0.pass().fold((8, 0), |(len, n), (k, v)| {
             (len + 16 + k.len() as u64 + v.len() as u64, n + 1)
         })
     }
@@ -259,7 +267,7 @@ impl Captured {
         // snapshot's CRC-counting writer cost more than the copying.
         let mut chunk = Vec::with_capacity(2 * WRITE_CHUNK);
         put_u64(&mut chunk, pairs as u64)?;
-        for (k, v) in self.0.iter() {
+        for (k, v) in self.0.pass() {
             let at = chunk.len();
             put_bytes(&mut chunk, k)?;
             put_bytes(&mut chunk, v)?;

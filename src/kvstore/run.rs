@@ -9,6 +9,10 @@
 use bytes::Bytes;
 
 use super::map::DecodeError;
+use crate::vfs::Pages;
+
+/// How much of a mapped run a pass over it leaves behind before letting those pages go.
+const FORGET_EVERY: usize = 1 << 20;
 
 /// Pairs encoded as the snapshot has them (`[count: u64][key len: u64][key][value len:
 /// u64][value]...`), keys strictly ascending.
@@ -17,6 +21,8 @@ pub struct Run {
     data: Bytes,
     /// Where each pair's key length starts in `data`.
     offsets: Offsets,
+    /// The mapping `data` lies in, if it is a file written for this run (see [`RunBuilder`]).
+    pages: Option<Pages>,
 }
 
 /// Pair offsets, 4 bytes each while the run is under 4 GiB (every run but the largest): at
@@ -104,7 +110,11 @@ impl Run {
         if !buf.is_empty() {
             return Err(NotARun::Bad(DecodeError::Trailing(buf.len())));
         }
-        Ok(Run { data, offsets })
+        Ok(Run {
+            data,
+            offsets,
+            pages: None,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -135,6 +145,27 @@ impl Run {
 
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         (0..self.offsets.len()).map(|i| self.pair_at(self.offsets.get(i)))
+    }
+
+    #[cfg(test)]
+    pub fn is_mapped(&self) -> bool {
+        self.pages.is_some()
+    }
+
+    /// A pass over the map in key order has got as far as `value` (any slice: one outside the
+    /// run says nothing). Once more than [`FORGET_EVERY`] bytes of a mapped run lie behind the
+    /// pass, their pages are let go: a snapshot of a large map then holds a window of it, not
+    /// the whole file. `behind` is the pass's own count of bytes let go.
+    pub fn passed(&self, value: &[u8], behind: &mut usize) {
+        let Some(pages) = &self.pages else { return };
+        let Some(at) = (value.as_ptr() as usize).checked_sub(self.data.as_ptr() as usize) else {
+            return;
+        };
+        let end = at + value.len();
+        if end <= self.data.len() && end >= *behind + FORGET_EVERY {
+            pages.forget(&self.data[*behind..end]);
+            *behind = end;
+        }
     }
 }
 
@@ -167,13 +198,15 @@ impl RunBuilder {
     /// The run over `data`, the bytes just written as the builder was told, or `None` if
     /// `data` is not as long as they were (it would not be those bytes). The pairs are not
     /// checked again: reading them would bring every page of a mapped file into memory.
-    pub fn finish(self, data: Bytes) -> Option<Run> {
+    /// `pages` is the mapping `data` lies in, if it is one.
+    pub fn finish(self, data: Bytes, pages: Option<Pages>) -> Option<Run> {
         let count = data.get(..8)?;
         (data.len() as u64 == self.len
             && u64::from_le_bytes(count.try_into().expect("8 bytes")) == self.offsets.len() as u64)
             .then_some(Run {
                 data,
                 offsets: self.offsets,
+                pages,
             })
     }
 }
@@ -227,6 +260,7 @@ mod tests {
         let run = Run {
             data: narrow.data.clone(),
             offsets: wide,
+            pages: None,
         };
         assert!(run.iter().eq(refs.iter().copied()));
         assert_eq!(run.get(b"/b"), Some(&b""[..]));
@@ -268,17 +302,17 @@ mod tests {
             }
             b
         };
-        let built = builder().finish(enc.clone().into()).unwrap();
+        let built = builder().finish(enc.clone().into(), None).unwrap();
         let parsed = Run::parse(enc.clone().into()).unwrap();
         assert_eq!(built.offsets, parsed.offsets);
         assert!(built.iter().eq(refs.iter().copied()));
         // Bytes that cannot be what was written are refused.
         assert!(builder()
-            .finish(enc[..enc.len() - 1].to_vec().into())
+            .finish(enc[..enc.len() - 1].to_vec().into(), None)
             .is_none());
-        assert!(builder().finish(Bytes::new()).is_none());
+        assert!(builder().finish(Bytes::new(), None).is_none());
         let mut recount = enc.clone();
         recount[0] = 2;
-        assert!(builder().finish(recount.into()).is_none());
+        assert!(builder().finish(recount.into(), None).is_none());
     }
 }

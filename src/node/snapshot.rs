@@ -135,9 +135,9 @@ impl SnapshotTask {
         })?;
         // The state may now use the durable file in place of its own copy. If the file cannot
         // be mapped, it keeps its own: that costs memory, not correctness.
-        if let Ok(data) = snapshotter.map_data(&tmp) {
+        if let Ok((data, pages)) = snapshotter.map_data(&tmp) {
             let at = header.len();
-            source.written(data.slice(at..at + kv_len as usize));
+            source.written(data.slice(at..at + kv_len as usize), pages);
         }
         Ok(Begun {
             meta: self.meta,

@@ -45,9 +45,10 @@ pub trait Vfs: Send + Sync + fmt::Debug {
         self.read(path).map(Bytes::from)
     }
     /// [`Vfs::read_shared`] for a file just written whose pages the caller does not read now:
-    /// where it is mapped, a page comes into memory only when read.
-    fn map_unread(&self, path: &Path) -> io::Result<Bytes> {
-        self.read_shared(path)
+    /// where it is mapped, a page comes into memory only when read, and the [`Pages`] returned
+    /// can let it go again.
+    fn map_unread(&self, path: &Path) -> io::Result<(Bytes, Option<Pages>)> {
+        self.read_shared(path).map(|b| (b, None))
     }
     /// Atomically replaces `to` with `from` (durable only after [`Vfs::sync_dir`]).
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
@@ -59,6 +60,45 @@ pub trait Vfs: Send + Sync + fmt::Debug {
     fn is_dir(&self, dir: &Path) -> bool;
     /// Makes the creations, renames and removals of entries in `dir` durable.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+}
+
+/// A read-only shared mapping of a file that is never written again (see [`Vfs::read_shared`]).
+#[derive(Clone, Debug)]
+pub struct Pages(Arc<memmap2::Mmap>);
+
+impl AsRef<[u8]> for Pages {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Pages {
+    /// Lets the process's page table drop the pages lying wholly within `part` (bytes of this
+    /// mapping; anything outside it is ignored). They stay the file's page cache, clean, which
+    /// the kernel keeps or evicts as memory allows, and reading them again maps them again:
+    /// a pass over a large mapped file need not hold all of it in the process's memory.
+    pub fn forget(&self, part: &[u8]) {
+        const PAGE: usize = 4096;
+        let map = self.0.as_ptr() as usize;
+        let start = (part.as_ptr() as usize).max(map);
+        let end = (part.as_ptr() as usize + part.len()).min(map + self.0.len());
+        // Whole pages only: the mapping starts on a page boundary, so offsets align as
+        // addresses do.
+        let (from, to) = (
+            (start - map).div_ceil(PAGE) * PAGE,
+            (end.max(start) - map) / PAGE * PAGE,
+        );
+        if from < to {
+            // SAFETY: MADV_DONTNEED on a shared file mapping only drops page-table entries: a
+            // later access reads the same bytes from the file, which no one writes (see
+            // `Vfs::read_shared`), so every borrowed slice keeps reading what it did. A failure
+            // leaves the pages mapped, which costs memory only.
+            let _ = unsafe {
+                self.0
+                    .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, from, to - from)
+            };
+        }
+    }
 }
 
 /// The disk the WAL and snapshots live on: the OS unless a test hands in another.
@@ -149,14 +189,14 @@ impl Vfs for Os {
         let map = unsafe { memmap2::MmapOptions::new().populate().map(&file)? };
         Ok(Bytes::from_owner(map))
     }
-    fn map_unread(&self, path: &Path) -> io::Result<Bytes> {
+    fn map_unread(&self, path: &Path) -> io::Result<(Bytes, Option<Pages>)> {
         let file = fs::File::open(path)?;
         if file.metadata()?.len() < MAP_ABOVE {
-            return fs::read(path).map(Bytes::from);
+            return Ok((fs::read(path)?.into(), None));
         }
         // SAFETY: as for `read_shared`.
-        let map = unsafe { memmap2::Mmap::map(&file)? };
-        Ok(Bytes::from_owner(map))
+        let pages = Pages(Arc::new(unsafe { memmap2::Mmap::map(&file)? }));
+        Ok((Bytes::from_owner(pages.clone()), Some(pages)))
     }
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         fs::rename(from, to)
