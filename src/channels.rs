@@ -35,6 +35,14 @@ pub enum Apply {
     },
     /// Replace the whole map with a snapshot taken at `index`.
     Snapshot { index: u64, term: u64, data: Bytes },
+    /// The snapshot at `index` installed from the leader is now durable in its file: `data` is
+    /// the same map bytes, mapped and not read (see [`crate::vfs::Vfs::map_unread`]), which the
+    /// map may use in place of the copy it received while its base is still that snapshot.
+    SnapshotFile {
+        index: u64,
+        data: Bytes,
+        pages: Option<crate::vfs::Pages>,
+    },
     /// Proposals raft refused (say, no leader known): they were never appended anywhere.
     Dropped { ids: Vec<u64>, reason: String },
 }

@@ -29,6 +29,9 @@ pub struct Map {
     pub(super) frozen: Option<(u64, Layer)>,
     /// Writes since.
     pub(super) top: Layer,
+    /// The index of the snapshot from the leader that the base was loaded from, until the
+    /// base changes (see [`Map::adopt`]).
+    pub(super) installed: Option<u64>,
 }
 
 /// Writes above the base. A B-tree rather than imbl's HAMT: measured with the benchmark's
@@ -154,7 +157,20 @@ impl Map {
         if self.frozen.as_ref().is_some_and(|(f, _)| *f == n) {
             self.base = Arc::new(base);
             self.frozen = None;
+            self.installed = None;
         }
+    }
+
+    /// Reads the base from `data`, the same bytes as the base loaded from the leader's snapshot
+    /// `index`, now in its file, if the base is still that one. Returns whether it did.
+    pub fn adopt(&mut self, index: u64, data: Bytes, pages: Option<crate::vfs::Pages>) -> bool {
+        if self.installed != Some(index) || self.base.encoded_len() != data.len() {
+            return false;
+        }
+        // A capture (a snapshot being written, a backup) may share the base; it keeps the old.
+        Arc::make_mut(&mut self.base).set_data(data, pages);
+        self.installed = None;
+        true
     }
 
     /// The map a snapshot encoded; its pairs are not copied when it is a [`Run`], as every

@@ -330,6 +330,7 @@ impl KvStore {
                     slog::info!(self.logger, "loaded snapshot"; "index" => index, "keys" => map.len());
                     let mut m = self.map.write().expect("map lock");
                     *m = map;
+                    m.installed = Some(index);
                     self.applied_tx.send_replace(index);
                     self.applied_term.store(term, Ordering::Relaxed);
                 }
@@ -340,6 +341,17 @@ impl KvStore {
                     std::process::abort();
                 }
             },
+            Apply::SnapshotFile { index, data, pages } => {
+                if self
+                    .map
+                    .write()
+                    .expect("map lock")
+                    .adopt(index, data, pages)
+                {
+                    slog::info!(self.logger, "map reads the installed snapshot from its file";
+                        "index" => index);
+                }
+            }
         }
     }
 
@@ -575,6 +587,50 @@ mod tests {
         assert_eq!(again, encode(&before));
         assert_eq!(kv.capture(), before);
         assert_eq!(kv.map.read().unwrap().get(b"/b"), Some(&big[..]));
+    }
+
+    /// A snapshot installed from the leader is read from its file once that is durable, unless
+    /// the base moved on meanwhile; the map reads the same either way.
+    #[test]
+    fn installed_snapshot_is_read_from_its_file() {
+        let (kv, _rx) = store();
+        let mut m = Map::new();
+        let big: Vec<u8> = (0..700u32 << 10).map(|i| (i % 249) as u8).collect();
+        m.insert(b"/a", &big);
+        m.insert(b"/b", &big);
+        let enc = encode(&m);
+        kv.apply(Apply::Snapshot {
+            index: 7,
+            term: 2,
+            data: enc.clone().into(),
+        });
+        kv.map.write().unwrap().insert(b"/c", b"after");
+        let before = kv.capture();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, &enc).unwrap();
+        let file = || crate::vfs::Disk::default().map_unread(&path).unwrap();
+        let adopt = |index: u64| {
+            let (data, pages) = file();
+            kv.apply(Apply::SnapshotFile { index, data, pages });
+            kv.map.read().unwrap().base.is_mapped()
+        };
+        assert!(!adopt(6), "another snapshot's file");
+        assert!(adopt(7));
+        assert_eq!(kv.capture(), before);
+        assert_eq!(kv.map.read().unwrap().get(b"/b"), Some(&big[..]));
+        // After a local snapshot the base is another: a late file changes nothing.
+        kv.apply(Apply::Snapshot {
+            index: 9,
+            term: 2,
+            data: enc.clone().into(),
+        });
+        let snap = kv.capture_for_snapshot();
+        let mut out = Vec::new();
+        snap.write_to(&mut out).unwrap();
+        snap.written(out.into(), None);
+        assert!(!adopt(9), "the base was rebased");
+        assert_eq!(kv.capture(), m);
     }
 
     /// The hand-written codecs keep bincode 1.3's layout (so files written before them still

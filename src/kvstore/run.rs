@@ -147,6 +147,18 @@ impl Run {
         (0..self.offsets.len()).map(|i| self.pair_at(self.offsets.get(i)))
     }
 
+    pub fn encoded_len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Reads the pairs from `data` instead, the same bytes elsewhere (the caller knows they are,
+    /// having written them), with the mapping they lie in.
+    pub fn set_data(&mut self, data: Bytes, pages: Option<Pages>) {
+        debug_assert_eq!(data.len(), self.data.len());
+        self.data = data;
+        self.pages = pages;
+    }
+
     #[cfg(test)]
     pub fn is_mapped(&self) -> bool {
         self.pages.is_some()

@@ -73,8 +73,9 @@ struct Persistence {
     /// Number of the last Ready handed to the writer, and of the last it reported durable.
     submitted: u64,
     persisted: u64,
-    /// Number of a Ready carrying a leader's snapshot that the writer has not yet persisted.
-    snapshot_persisting: Option<u64>,
+    /// Number of a Ready carrying a leader's snapshot that the writer has not yet persisted,
+    /// and the snapshot's term and index.
+    snapshot_persisting: Option<(u64, u64, u64)>,
 }
 
 pub struct Node {
@@ -223,13 +224,12 @@ impl Node {
         self.persist.persisted = p.number;
         self.send(p.messages);
         self.raft.on_persist_ready(p.number);
-        if self
-            .persist
-            .snapshot_persisting
-            .is_some_and(|n| n <= p.number)
-        {
-            self.persist.snapshot_persisting = None;
-            self.raft.advance_apply();
+        if let Some((n, term, index)) = self.persist.snapshot_persisting {
+            if n <= p.number {
+                self.persist.snapshot_persisting = None;
+                self.raft.advance_apply();
+                self.adopt_snapshot_file(term, index);
+            }
         }
     }
 

@@ -67,7 +67,8 @@ impl Node {
             // raft may not count a snapshot as applied before it is persisted (it panics), so
             // after one, applying is reported only once the writer has caught up with this
             // Ready.
-            self.persist.snapshot_persisting = Some(number);
+            let meta = rd.snapshot().get_metadata();
+            self.persist.snapshot_persisting = Some((number, meta.term, meta.index));
         }
 
         // 5. Read indexes answered by the leader.
@@ -134,6 +135,31 @@ impl Node {
         self.applied = index;
         self.policy.reset(index, snap_bytes);
         Ok(())
+    }
+
+    /// The leader's snapshot `(term, index)` is durable: the map may now read its pairs from
+    /// the file rather than hold the copy received (for a joining member, most of its memory
+    /// until its own next snapshot). A file that cannot be mapped or read back leaves the copy.
+    pub(super) fn adopt_snapshot_file(&mut self, term: u64, index: u64) {
+        let mapped = self
+            .snapshotter
+            .map_saved(term, index)
+            .and_then(|(data, pages)| {
+                let kv = decode_data(&data).map_err(|reason| crate::snap::Error::Corrupt {
+                    path: self.snapshotter.path(term, index),
+                    reason,
+                })?;
+                Ok((kv.kv, pages))
+            });
+        match mapped {
+            Ok((data, pages)) => self
+                .out
+                .applies
+                .push(Apply::SnapshotFile { index, data, pages }),
+            Err(e) => {
+                slog::warn!(self.logger, "installed snapshot stays in memory"; "index" => index, "error" => %e)
+            }
+        }
     }
 
     pub(super) fn apply_committed(&mut self, entries: Vec<Entry>) {

@@ -164,7 +164,7 @@ fn bootstrapped(dir: &std::path::Path, n: u64) -> Node {
 
 /// A snapshot installed from the leader is not kept in memory (a joining node held a whole
 /// large map twice): the storage keeps its metadata and serves it from the file the WAL
-/// writer saves.
+/// writer saves, and the map is then offered that file in place of the copy received.
 #[test]
 fn installed_snapshot_is_not_kept_in_memory() {
     let dir = tempfile::tempdir().unwrap();
@@ -180,10 +180,22 @@ fn installed_snapshot_is_not_kept_in_memory() {
     snap.mut_metadata().index = 10;
     snap.mut_metadata().term = 2;
     snap.mut_metadata().mut_conf_state().voters = vec![1];
+    let saved = snap.clone();
     node.install_snapshot(snap).unwrap();
     let kept = node.raft.store().last_snapshot();
     assert_eq!(kept.get_metadata().index, 10);
     assert!(kept.data.is_empty(), "{} bytes kept", kept.data.len());
+    // Once the writer has saved it, the map is offered the file's copy of its bytes.
+    node.snapshotter.save(&saved).unwrap();
+    node.adopt_snapshot_file(2, 10);
+    match node.out.applies.last() {
+        Some(Apply::SnapshotFile {
+            index: 10, data, ..
+        }) => {
+            assert_eq!(data, &crate::kvstore::encode(&crate::kvstore::Map::new()))
+        }
+        _ => panic!("no SnapshotFile offered"),
+    }
 }
 
 /// Holds `n` PUTs of `size`-byte values, ids 0..n, as proposers would.

@@ -163,7 +163,7 @@ impl RawTestNode {
                     applied,
                     ..
                 } => return (index, data.iter().map(|b| b.to_vec()).collect(), applied),
-                Apply::Snapshot { .. } | Apply::Dropped { .. } => {}
+                Apply::Snapshot { .. } | Apply::SnapshotFile { .. } | Apply::Dropped { .. } => {}
             }
         }
     }
