@@ -204,22 +204,8 @@ impl Snapshotter {
             .disk
             .map_unread(&path)
             .map_err(|e| Error::io(&path, e))?;
-        let corrupt = |reason: String| Error::Corrupt {
-            path: path.clone(),
-            reason,
-        };
-        if file.len() < 4 {
-            return Err(corrupt("too short for its crc".into()));
-        }
-        let snap = Snapshot::parse_from_carllerche_bytes(&file.slice(4..))
-            .map_err(|e| corrupt(format!("undecodable: {e}")))?;
-        let meta = snap.get_metadata();
-        if (meta.term, meta.index) != (term, index) {
-            return Err(corrupt(format!(
-                "metadata says term {} index {}",
-                meta.term, meta.index
-            )));
-        }
+        let snap =
+            decode(&file, term, index, false).map_err(|reason| Error::Corrupt { path, reason })?;
         Ok((snap.data, pages))
     }
 
@@ -244,7 +230,7 @@ impl Snapshotter {
                 .disk
                 .read_shared(&path)
                 .map_err(|e| Error::io(&path, e))?;
-            match decode(&bytes, term, index) {
+            match decode(&bytes, term, index, true) {
                 Ok(snap) => {
                     info!(self.logger, "loaded snapshot";
                         "term" => term, "index" => index, "bytes" => bytes.len());
@@ -375,22 +361,24 @@ fn parse_name(name: &str) -> Option<(u64, u64)> {
     Some((hex(term)?, hex(index)?))
 }
 
-/// Checks a file's bytes against its CRC and its name.
+/// Checks a file's bytes against its CRC (if `check_crc`: reading every byte) and its name.
 /// The snapshot's data is a slice of `bytes`: a large map is held once, not twice.
-fn decode(bytes: &Bytes, term: u64, index: u64) -> Result<Snapshot, String> {
+fn decode(bytes: &Bytes, term: u64, index: u64, check_crc: bool) -> Result<Snapshot, String> {
     if bytes.len() < 4 {
         return Err(format!(
             "file is {} bytes, too short for its crc",
             bytes.len()
         ));
     }
-    let stored = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
     let payload = bytes.slice(4..);
-    let computed = crc32c::crc32c(&payload);
-    if stored != computed {
-        return Err(format!(
-            "crc mismatch (stored {stored:08x}, computed {computed:08x})"
-        ));
+    if check_crc {
+        let stored = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        let computed = crc32c::crc32c(&payload);
+        if stored != computed {
+            return Err(format!(
+                "crc mismatch (stored {stored:08x}, computed {computed:08x})"
+            ));
+        }
     }
     let snap =
         Snapshot::parse_from_carllerche_bytes(&payload).map_err(|e| format!("undecodable: {e}"))?;
@@ -480,7 +468,7 @@ impl<W: Write> Write for CrcWriter<W> {
 /// Reads the snapshot file at `path`, named after `(term, index)`, and checks it.
 pub fn read(disk: &Disk, path: &Path, term: u64, index: u64) -> Result<Snapshot, Error> {
     let bytes = disk.read_shared(path).map_err(|e| Error::io(path, e))?;
-    decode(&bytes, term, index).map_err(|reason| Error::Corrupt {
+    decode(&bytes, term, index, true).map_err(|reason| Error::Corrupt {
         path: path.to_path_buf(),
         reason,
     })

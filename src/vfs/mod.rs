@@ -101,6 +101,24 @@ impl Pages {
     }
 }
 
+/// A file's contents: read if small, else mapped, its pages faulted in now if `populate`.
+fn os_map(path: &Path, populate: bool) -> io::Result<(Bytes, Option<Pages>)> {
+    let file = fs::File::open(path)?;
+    if file.metadata()?.len() < MAP_ABOVE {
+        return Ok((fs::read(path)?.into(), None));
+    }
+    let mut opts = memmap2::MmapOptions::new();
+    if populate {
+        opts.populate();
+    }
+    // Mapped, the file's pages come straight from the page cache: reading it instead copied
+    // it into fresh memory that the kernel first zeroed, half of a large restart's CPU.
+    // SAFETY: per the contract of `Vfs::read_shared`, no byte the caller keeps is written or
+    // cut off later; deleting the file leaves the mapping valid.
+    let pages = Pages(Arc::new(unsafe { opts.map(&file)? }));
+    Ok((Bytes::from_owner(pages.clone()), Some(pages)))
+}
+
 /// The disk the WAL and snapshots live on: the OS unless a test hands in another.
 #[derive(Clone, Debug)]
 pub struct Disk(Arc<dyn Vfs>);
@@ -178,25 +196,10 @@ impl Vfs for Os {
         fs::read(path)
     }
     fn read_shared(&self, path: &Path) -> io::Result<Bytes> {
-        let file = fs::File::open(path)?;
-        if file.metadata()?.len() < MAP_ABOVE {
-            return fs::read(path).map(Bytes::from);
-        }
-        // Mapped, the file's pages come straight from the page cache: reading it instead
-        // copied it into fresh memory that the kernel first zeroed, half of a large restart's
-        // CPU. SAFETY: per the contract above, no byte the caller keeps is written or cut off
-        // later; deleting the file leaves the mapping valid.
-        let map = unsafe { memmap2::MmapOptions::new().populate().map(&file)? };
-        Ok(Bytes::from_owner(map))
+        os_map(path, true).map(|(bytes, _)| bytes)
     }
     fn map_unread(&self, path: &Path) -> io::Result<(Bytes, Option<Pages>)> {
-        let file = fs::File::open(path)?;
-        if file.metadata()?.len() < MAP_ABOVE {
-            return Ok((fs::read(path)?.into(), None));
-        }
-        // SAFETY: as for `read_shared`.
-        let pages = Pages(Arc::new(unsafe { memmap2::Mmap::map(&file)? }));
-        Ok((Bytes::from_owner(pages.clone()), Some(pages)))
+        os_map(path, false)
     }
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         fs::rename(from, to)
